@@ -1,0 +1,50 @@
+from setuptools import find_packages, setup
+
+with open("README.md", encoding="utf-8") as f:
+    long_description = f.read()
+
+setup(
+    name="txfiberdb",
+    version="0.1.0.dev0",
+    description=(
+        "Plain synchronous SQLAlchemy in Twisted: each unit of work runs in a "
+        "greenlet that parks on txpostgres Deferreds"
+    ),
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=find_packages(include=["txfiberdb", "txfiberdb.*"]),
+    package_data={"txfiberdb": ["py.typed"]},
+    install_requires=[
+        "Twisted>=22.10",
+        "txpostgres>=1.7",
+        "psycopg2-binary>=2.9",
+        "greenlet>=3.0",
+        "SQLAlchemy>=2.0.20",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7",
+            "pytest-twisted>=1.14",
+            "pgserver>=0.1.4",
+            "treq>=22.1",
+            "klein>=23.5",
+            "alembic>=1.12",
+        ],
+        "demo": ["klein>=23.5", "pgserver>=0.1.4"],
+        "bench": ["asyncpg>=0.29"],
+        "lint": ["ruff", "mypy"],
+    },
+    entry_points={
+        "sqlalchemy.dialects": [
+            "postgresql.txpostgres = txfiberdb.dialect:TxPostgresDialect",
+        ],
+        "pytest11": ["txfiberdb = txfiberdb.testing.pytest_plugin"],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Topic :: Database",
+    ],
+)

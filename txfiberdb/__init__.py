@@ -1,0 +1,35 @@
+"""
+txfiberdb: plain synchronous SQLAlchemy inside Twisted, one greenlet (a
+*fiber*) per unit of work, PostgreSQL through txpostgres.  No callbacks, no
+threads.
+"""
+
+from txfiberdb.fiber import (
+    NotInFiberError,
+    WaitTimeout,
+    await_deferred,
+    current_fiber,
+    fibered,
+    in_fiber,
+    on_fiber_exit,
+    run_in_fiber,
+    shield,
+    sleep,
+)
+from txfiberdb.fiber import stats as fiber_stats
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "NotInFiberError",
+    "WaitTimeout",
+    "await_deferred",
+    "current_fiber",
+    "fiber_stats",
+    "fibered",
+    "in_fiber",
+    "on_fiber_exit",
+    "run_in_fiber",
+    "shield",
+    "sleep",
+]

@@ -1,0 +1,135 @@
+# -*- test-case-name: tests.test_testing -*-
+"""
+Helpers for testing code that uses txfiberdb.
+
+- :class:`FiberTestCase`: a trial TestCase whose ``setUp``, test methods and
+  ``tearDown`` run in a fiber, so they read as ordinary synchronous code.
+- A pytest plugin (:mod:`txfiberdb.testing.pytest_plugin`, loaded by the
+  ``pytest11`` entry point) that runs tests marked ``@pytest.mark.fiber`` in a
+  fiber under pytest-twisted, with ``postgres_dsn`` and ``postgres_url``
+  fixtures.
+- :class:`TemporaryPostgres`: a throwaway PostgreSQL server.
+- :func:`test_server`, :func:`create_database`, :func:`drop_database`: the
+  server the tests of this process use (``$TXFIBERDB_TEST_DSN`` if set, else
+  a :class:`TemporaryPostgres` started on first use and removed at exit), and
+  fresh databases on it, so that test order never matters.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any, Optional
+
+from twisted.trial.unittest import TestCase
+
+from txfiberdb.fiber import fibered
+from txfiberdb.testing._postgres import (
+    PostgresUnavailable,
+    TemporaryPostgres,
+    find_postgres_bindir,
+)
+
+__all__ = [
+    "FiberTestCase",
+    "PostgresUnavailable",
+    "TemporaryPostgres",
+    "create_database",
+    "drop_database",
+    "dsn_to_url",
+    "find_postgres_bindir",
+    "test_server",
+]
+
+_server: Optional[TemporaryPostgres] = None
+
+
+def test_server() -> str:
+    """
+    The libpq DSN of the server this process tests against:
+    ``$TXFIBERDB_TEST_DSN`` (a URL or ``key=value`` string) when set,
+    otherwise a :class:`TemporaryPostgres` started now (once per process) and
+    removed when the process exits.
+    """
+    global _server
+    dsn = os.environ.get("TXFIBERDB_TEST_DSN")
+    if dsn:
+        return dsn
+    if _server is None:
+        _server = TemporaryPostgres().start()
+    return _server.dsn()
+
+
+test_server.__test__ = False  # type: ignore[attr-defined]
+
+
+def _admin(sql: str) -> None:
+    # Test set-up, before any fiber runs: a blocking connection is fine here.
+    import psycopg2
+
+    conn = psycopg2.connect(test_server())
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()
+
+
+def create_database(prefix: str = "txfiberdb_test") -> str:
+    """
+    Create a new, empty database on :func:`test_server` and return its DSN.
+    Blocking: call it in set-up (``setUpClass``, a pytest fixture), not in a
+    fiber serving requests.
+    """
+    from psycopg2.extensions import make_dsn
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    _admin(f'CREATE DATABASE "{name}" TEMPLATE template0')
+    return make_dsn(test_server(), dbname=name)
+
+
+def drop_database(dsn: str) -> None:
+    """Drop the database of ``dsn`` (made by :func:`create_database`)."""
+    from psycopg2.extensions import parse_dsn
+
+    name = parse_dsn(dsn)["dbname"]
+    _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def dsn_to_url(dsn: str, driver: str = "txpostgres") -> str:
+    """A SQLAlchemy URL (``postgresql+<driver>://``) for a libpq DSN."""
+    from psycopg2.extensions import parse_dsn
+    from urllib.parse import quote
+
+    p = parse_dsn(dsn)
+    auth = quote(p.get("user", ""), safe="")
+    if p.get("password"):
+        auth += ":" + quote(p["password"], safe="")
+    host = p.get("host", "")
+    query = ""
+    if host.startswith("/"):
+        query = "?host=" + quote(host, safe="")
+        host = ""
+    port = f":{p['port']}" if p.get("port") and host else ""
+    if p.get("port") and not host:
+        query += ("&" if query else "?") + f"port={p['port']}"
+    at = "@" if auth else ""
+    return f"postgresql+{driver}://{auth}{at}{host}{port}/{p.get('dbname', '')}{query}"
+
+
+class FiberTestCase(TestCase):
+    """
+    A trial TestCase whose ``setUp``, test methods and ``tearDown`` each run
+    in a fiber: they may call :func:`txfiberdb.await_deferred` and any
+    txfiberdb-backed SQLAlchemy code directly.  trial's ``timeout`` cancels
+    the fiber.
+    """
+
+    def _run(self, methodName: str, result: Any) -> Any:
+        original = getattr(self, methodName)
+        setattr(self, methodName, fibered(original))
+        try:
+            return super()._run(methodName, result)  # type: ignore[misc]
+        finally:
+            delattr(self, methodName)
