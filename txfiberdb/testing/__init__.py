@@ -126,10 +126,15 @@ class FiberTestCase(TestCase):
     the fiber.
     """
 
-    def _run(self, methodName: str, result: Any) -> Any:
-        original = getattr(self, methodName)
-        setattr(self, methodName, fibered(original))
+    def _run(self, *args: Any) -> Any:
+        # trial's hook that runs setUp, the test method, tearDown and each
+        # cleanup: ``_run(func, description, result)`` (Twisted >= 23.8) or
+        # ``_run(methodName, result)`` (older).
+        if callable(args[0]):
+            return super()._run(fibered(args[0]), *args[1:])  # type: ignore[misc]
+        name = args[0]
+        setattr(self, name, fibered(getattr(self, name)))
         try:
-            return super()._run(methodName, result)  # type: ignore[misc]
+            return super()._run(*args)  # type: ignore[misc]
         finally:
-            delattr(self, methodName)
+            delattr(self, name)

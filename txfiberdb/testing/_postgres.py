@@ -224,6 +224,24 @@ class TemporaryPostgres:
             self.stop()
             raise
 
+    def restart(self) -> None:
+        """Restart the server (same port and settings); connections are cut."""
+        self._run(
+            [
+                "pg_ctl",
+                "-D",
+                self.datadir,
+                "-l",
+                os.path.join(self.directory or "", "server.log"),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "60",
+                "restart",
+            ]
+        )
+
     def log_tail(self, lines: int = 20) -> str:
         """The last lines of the server's log (for error messages)."""
         try:

@@ -1,0 +1,1016 @@
+# -*- test-case-name: tests.test_dbapi -*-
+"""
+A PEP 249 (DB-API 2.0) driver for PostgreSQL, for code running in fibers.
+
+Calls look blocking; underneath, each query goes through txpostgres and the
+reactor, and only the calling fiber waits.  Call it from a fiber
+(:func:`txfiberdb.run_in_fiber`); on the reactor's greenlet every call that
+talks to the server raises :exc:`txfiberdb.NotInFiberError`.
+
+psycopg2's asynchronous mode, which txpostgres drives, differs from ordinary
+psycopg2; this module hides the differences:
+
+- Transactions as PEP 249 wants them: ``BEGIN`` (with the isolation level,
+  read-only and deferrable settings of :meth:`Connection.set_session`) is sent
+  in the same round trip as the first statement of a transaction; ``commit()``
+  and ``rollback()`` send ``COMMIT``/``ROLLBACK``.  ``autocommit = True``
+  sends no ``BEGIN``.
+- ``executemany`` sends a whole batch per round trip: ``INSERT ... VALUES``
+  becomes one multi-row ``INSERT`` (exact ``rowcount``); other statements are
+  sent as pages of ``;``-joined statements (``rowcount`` is then -1, as PEP
+  249 allows).
+- Named (server-side) cursors are ``DECLARE``/``FETCH`` inside the
+  transaction, fetched in batches of ``itersize`` rows.
+- COPY would wedge an asynchronous connection for good: it is refused before
+  anything is sent.
+- ``connect_timeout`` is enforced with a reactor timer.
+- Cancelling the waiting fiber sends a PostgreSQL cancel, waits for the
+  server to confirm, and raises ``CancelledError``; the connection stays
+  usable (its transaction, if any, must be rolled back).
+- A connection the server ended (killed backend, restart) reports itself
+  closed and raises psycopg2's ``OperationalError``/``InterfaceError``;
+  nothing is logged as an unhandled error.
+
+Errors are psycopg2's own classes, so ``except psycopg2.IntegrityError`` keeps
+working.  Types are converted as psycopg2 converts them (json, jsonb, uuid,
+arrays, numeric, ranges, ...); hstore after :meth:`Connection.register_hstore`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+from psycopg2 import (  # noqa: F401  (re-exported, PEP 249)
+    BINARY,
+    DATETIME,
+    NUMBER,
+    ROWID,
+    STRING,
+    Binary,
+    DatabaseError,
+    DataError,
+    Date,
+    DateFromTicks,
+    Error,
+    IntegrityError,
+    InterfaceError,
+    InternalError,
+    NotSupportedError,
+    OperationalError,
+    ProgrammingError,
+    Time,
+    TimeFromTicks,
+    Timestamp,
+    TimestampFromTicks,
+    Warning,
+)
+from psycopg2.extensions import (
+    POLL_OK,
+    POLL_READ,
+    POLL_WRITE,
+    TRANSACTION_STATUS_IDLE,
+    TRANSACTION_STATUS_UNKNOWN,
+)
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from txpostgres import txpostgres
+
+from txfiberdb.fiber import (
+    NotInFiberError,
+    WaitTimeout,
+    await_deferred,
+    current_fiber,
+    in_fiber,
+    shield,
+)
+
+__all__ = [
+    "Connection",
+    "Cursor",
+    "ServerCursor",
+    "apilevel",
+    "connect",
+    "paramstyle",
+    "threadsafety",
+]
+
+apilevel = "2.0"
+threadsafety = 1
+paramstyle = "pyformat"
+extensions = psycopg2.extensions
+extras = psycopg2.extras
+errors = psycopg2.errors
+__version__ = psycopg2.__version__
+
+_log = Logger(namespace="txfiberdb.dbapi")
+
+#: How long to wait for the server to confirm a cancel before giving the
+#: connection up (seconds).
+CANCEL_GRACE = 10.0
+
+_ISOLATION_NAMES = {
+    psycopg2.extensions.ISOLATION_LEVEL_READ_UNCOMMITTED: "READ UNCOMMITTED",
+    psycopg2.extensions.ISOLATION_LEVEL_READ_COMMITTED: "READ COMMITTED",
+    psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ: "REPEATABLE READ",
+    psycopg2.extensions.ISOLATION_LEVEL_SERIALIZABLE: "SERIALIZABLE",
+}
+_ISOLATION_LEVELS = {name: level for level, name in _ISOLATION_NAMES.items()}
+
+# Statements (after comments) that start with COPY, anywhere in the string.
+_COPY = re.compile(
+    r"(?:^|;)\s*(?:(?:--[^\n]*\n|/\*.*?\*/)\s*)*COPY\b", re.IGNORECASE | re.DOTALL
+)
+# A plain "INSERT ... VALUES (<one row>)" that executemany can fold into one
+# multi-row INSERT.
+_INSERT_VALUES = re.compile(
+    r"^\s*(INSERT\s+INTO\s.+?\sVALUES\s*)(\(.*\))\s*;?\s*$", re.IGNORECASE | re.DOTALL
+)
+_RETURNING_OR_CONFLICT = re.compile(r"\b(RETURNING|ON\s+CONFLICT)\b", re.IGNORECASE)
+
+_COPY_REFUSED = (
+    "COPY is not possible on an asynchronous connection (psycopg2's async "
+    "mode, which txpostgres uses): sending it would leave the connection "
+    "unusable for good. Use INSERT ... VALUES through executemany() (batched "
+    "into few round trips), or a separate blocking psycopg2 connection "
+    "outside the reactor's thread for bulk loads."
+)
+
+
+def _refuse_copy(sql: Any) -> None:
+    text = sql.decode("latin-1") if isinstance(sql, bytes) else str(sql)
+    if "copy" in text.lower() and _COPY.search(text):
+        raise NotSupportedError(_COPY_REFUSED)
+
+
+class _Wire(txpostgres.Connection):
+    """
+    txpostgres's Connection, with a lean path for a connection that one fiber
+    owns at a time: the reader stays registered, one poll per readable event,
+    no lock and no extra reactor turn per result.  Connecting, closing and
+    NOTIFY delivery are txpostgres's own.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__(reactor=reactor)
+        self.waiter: Optional[Deferred[None]] = None
+        self.lost: Optional[str] = None
+        self._fd = -1
+
+    def adopt_socket(self) -> None:
+        """
+        Once connected, watch a duplicate of libpq's socket.  psycopg2 closes
+        its descriptor by itself when the server goes away; the reactor would
+        then hold a stale descriptor it can no longer unregister (and the
+        number may be reused by the next connection).  Our duplicate stays
+        valid until :meth:`_forget` unregisters and closes it.
+        """
+        self.reactor.removeReader(self)
+        self._fd = os.dup(self._connection.fileno())
+        self.reactor.addReader(self)
+
+    def fileno(self) -> int:
+        if self._fd >= 0:
+            return self._fd
+        return super().fileno()  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        if self._fd < 0:
+            super().close()  # still connecting: txpostgres's own
+            return
+        self._forget()
+        if self.waiter is not None:
+            self._finish(Failure(InterfaceError("the connection was closed")))
+
+    def start(self) -> Deferred[None]:
+        """Drive the query just sent; the Deferred fires when it completes."""
+        d: Deferred[None] = Deferred()
+        self.waiter = d
+        self._advance()
+        return d
+
+    def rewait(self) -> Deferred[None]:
+        """A new Deferred for the query still running (after an interrupt)."""
+        d: Deferred[None] = Deferred()
+        self.waiter = d
+        return d
+
+    def _advance(self) -> None:
+        try:
+            state = self._connection.poll()
+        except BaseException:
+            self._finish(Failure())
+            return
+        if state == POLL_OK:
+            self._finish(None)
+        elif state == POLL_WRITE:
+            self.reactor.addWriter(self)
+        elif state != POLL_READ:
+            self._finish(
+                Failure(OperationalError(f"unexpected poll() result {state!r}"))
+            )
+
+    def _finish(self, result: Any) -> None:
+        d, self.waiter = self.waiter, None
+        if self._connection.closed and self._fd >= 0:
+            self._forget()
+        if d is None:
+            return
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
+
+    def doRead(self) -> None:
+        if self._pollingD is not None:  # connecting: txpostgres's own cycle
+            super().doRead()
+            return
+        if self.waiter is not None:
+            self._advance()
+        elif not self._connection.closed:
+            # Idle: a NOTIFY, a notice, or the server ending the connection.
+            try:
+                self._connection.poll()
+            except psycopg2.Error as e:
+                self.lost = str(e).strip() or e.__class__.__name__
+                _log.info(
+                    "connection to PostgreSQL lost while idle: {reason}",
+                    reason=self.lost,
+                )
+                self._forget()
+                return
+        if self._connection.notifies:
+            self.checkForNotifies()
+
+    def doWrite(self) -> None:
+        if self._pollingD is not None:
+            super().doWrite()
+            return
+        self.reactor.removeWriter(self)
+        if self.waiter is not None:
+            self._advance()
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._fd < 0:
+            super().connectionLost(reason)
+            return
+        self._forget()
+        if self.waiter is not None:
+            self._finish(
+                Failure(OperationalError("the connection to the server was lost"))
+            )
+
+    def _forget(self) -> None:
+        """Stop watching the socket and close it (idempotent)."""
+        if self._fd >= 0:
+            self.reactor.removeReader(self)
+            self.reactor.removeWriter(self)
+            os.close(self._fd)
+            self._fd = -1
+        if not self._connection.closed:
+            self._connection.close()
+
+
+def connect(
+    dsn: Optional[str] = None,
+    connect_timeout: Optional[float] = None,
+    reactor: Any = None,
+    **kwargs: Any,
+) -> "Connection":
+    """
+    Open a connection, parking the calling fiber until it is ready.
+
+    :param dsn: a libpq connection string or URL; keyword arguments (``host``,
+        ``port``, ``user``, ``password``, ``dbname``, any libpq parameter) add
+        to or override it.
+    :param connect_timeout: seconds; also read from the DSN.  psycopg2
+        ignores it for asynchronous connections, so a reactor timer enforces
+        it here (``OperationalError`` when it expires).
+    :raise NotInFiberError: outside a fiber.
+    """
+    if not in_fiber():
+        raise NotInFiberError(
+            "txfiberdb.dbapi.connect() called outside a fiber: it waits for the "
+            "server. Call it from code started with txfiberdb.run_in_fiber() "
+            "or @txfiberdb.fibered."
+        )
+    if reactor is None:
+        from twisted.internet import reactor
+    params = psycopg2.extensions.make_dsn(dsn, **kwargs)
+    if connect_timeout is None:
+        from_dsn = psycopg2.extensions.parse_dsn(params).get("connect_timeout")
+        connect_timeout = float(from_dsn) if from_dsn else None
+    wire = _Wire(reactor)
+    outcome: list[str] = []
+
+    def give_up(reason: str) -> None:
+        outcome.append(reason)
+        if wire._connection is not None:
+            wire.close()
+
+    result: Deferred[Any] = Deferred(lambda _: give_up("cancelled"))
+
+    def settle(r: Any) -> None:
+        if outcome == ["cancelled"]:
+            return  # Deferred.cancel() delivers the CancelledError
+        if outcome == ["timeout"]:
+            r = Failure(
+                OperationalError(
+                    f"connection to server timed out after {connect_timeout} s "
+                    f"(connect_timeout)"
+                )
+            )
+        if isinstance(r, Failure):
+            result.errback(r)
+        else:
+            result.callback(r)
+
+    timer = None
+    if connect_timeout:
+        timer = reactor.callLater(connect_timeout, give_up, "timeout")
+    wire.connect(params).addBoth(settle)
+    try:
+        await_deferred(result)
+    except BaseException:
+        if wire._connection is not None and not wire._connection.closed:
+            wire.close()
+        raise
+    finally:
+        if timer is not None and timer.active():
+            timer.cancel()
+    wire.adopt_socket()
+    psycopg2.extras.register_uuid(conn_or_curs=wire._connection)
+    return Connection(wire)
+
+
+class Connection:
+    """
+    A DB-API connection.  One fiber uses it at a time (a second fiber using
+    it meanwhile gets ``ProgrammingError``); hand connections out through a
+    pool.
+    """
+
+    Warning = Warning
+    Error = Error
+    InterfaceError = InterfaceError
+    DatabaseError = DatabaseError
+    DataError = DataError
+    OperationalError = OperationalError
+    IntegrityError = IntegrityError
+    InternalError = InternalError
+    ProgrammingError = ProgrammingError
+    NotSupportedError = NotSupportedError
+
+    def __init__(self, wire: _Wire) -> None:
+        self._wire = wire
+        self._raw = wire._connection
+        self._autocommit = False
+        self._isolation_level: Optional[int] = None
+        self._readonly: Optional[bool] = None
+        self._deferrable: Optional[bool] = None
+        self._begin = "BEGIN"
+        self._user: Any = None
+        self._cursor_factory: Optional[Callable[..., Any]] = None
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def raw_connection(self) -> Any:
+        """The underlying asynchronous psycopg2 connection (for type set-up)."""
+        return self._raw
+
+    @property
+    def closed(self) -> int:
+        """0 while open, 1 after :meth:`close`, 2 when the server ended it."""
+        return int(self._raw.closed)
+
+    @property
+    def info(self) -> Any:
+        return self._raw.info
+
+    @property
+    def notices(self) -> list[str]:
+        return self._raw.notices  # type: ignore[no-any-return]
+
+    @property
+    def dsn(self) -> str:
+        return self._raw.dsn  # type: ignore[no-any-return]
+
+    @property
+    def server_version(self) -> int:
+        return self._raw.server_version  # type: ignore[no-any-return]
+
+    @property
+    def encoding(self) -> str:
+        return self._raw.encoding  # type: ignore[no-any-return]
+
+    @property
+    def status(self) -> int:
+        return self._raw.status  # type: ignore[no-any-return]
+
+    def get_backend_pid(self) -> int:
+        return self._raw.get_backend_pid()  # type: ignore[no-any-return]
+
+    def get_parameter_status(self, name: str) -> Optional[str]:
+        return self._raw.get_parameter_status(name)  # type: ignore[no-any-return]
+
+    def get_transaction_status(self) -> int:
+        return self._raw.get_transaction_status()  # type: ignore[no-any-return]
+
+    def get_dsn_parameters(self) -> dict[str, str]:
+        return self._raw.get_dsn_parameters()  # type: ignore[no-any-return]
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a transaction is open on the server (ours or the user's)."""
+        status = self._raw.get_transaction_status()
+        return status not in (TRANSACTION_STATUS_IDLE, TRANSACTION_STATUS_UNKNOWN)
+
+    # -- session settings ----------------------------------------------------
+
+    def _check_no_transaction(self, what: str) -> None:
+        if self.in_transaction:
+            raise ProgrammingError(
+                f"{what} cannot be used inside a transaction: commit() or "
+                f"rollback() first"
+            )
+
+    @property
+    def autocommit(self) -> bool:
+        return self._autocommit
+
+    @autocommit.setter
+    def autocommit(self, value: bool) -> None:
+        self._check_no_transaction("set_session")
+        self._autocommit = bool(value)
+
+    @property
+    def isolation_level(self) -> Optional[int]:
+        """None (the server's default) or a ``ISOLATION_LEVEL_*`` constant."""
+        return self._isolation_level
+
+    @isolation_level.setter
+    def isolation_level(self, value: Any) -> None:
+        self.set_session(isolation_level=value)
+
+    @property
+    def readonly(self) -> Optional[bool]:
+        return self._readonly
+
+    @readonly.setter
+    def readonly(self, value: Optional[bool]) -> None:
+        self.set_session(readonly=value)
+
+    @property
+    def deferrable(self) -> Optional[bool]:
+        return self._deferrable
+
+    @deferrable.setter
+    def deferrable(self, value: Optional[bool]) -> None:
+        self.set_session(deferrable=value)
+
+    _UNSET: Any = object()
+
+    def set_session(
+        self,
+        isolation_level: Any = _UNSET,
+        readonly: Any = _UNSET,
+        deferrable: Any = _UNSET,
+        autocommit: Any = _UNSET,
+    ) -> None:
+        """
+        As psycopg2's: the settings apply to the transactions begun from now
+        on (``BEGIN ISOLATION LEVEL ... READ ONLY DEFERRABLE``).  Levels are
+        ``ISOLATION_LEVEL_*`` constants or names (``"REPEATABLE READ"``);
+        ``None``/``"DEFAULT"`` means the server's default.
+        """
+        self._check_no_transaction("set_session")
+        if isolation_level is not self._UNSET:
+            self._isolation_level = self._level(isolation_level)
+        if readonly is not self._UNSET:
+            self._readonly = None if readonly in (None, "DEFAULT") else bool(readonly)
+        if deferrable is not self._UNSET:
+            self._deferrable = (
+                None if deferrable in (None, "DEFAULT") else bool(deferrable)
+            )
+        if autocommit is not self._UNSET:
+            self._autocommit = bool(autocommit)
+        parts = ["BEGIN"]
+        if self._isolation_level is not None:
+            parts.append("ISOLATION LEVEL " + _ISOLATION_NAMES[self._isolation_level])
+        if self._readonly is not None:
+            parts.append("READ ONLY" if self._readonly else "READ WRITE")
+        if self._deferrable is not None:
+            parts.append("DEFERRABLE" if self._deferrable else "NOT DEFERRABLE")
+        self._begin = " ".join(parts)
+
+    def set_isolation_level(self, level: Any) -> None:
+        """psycopg2's older API: 0 (``ISOLATION_LEVEL_AUTOCOMMIT``) is autocommit."""
+        if level == psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT:
+            self.set_session(autocommit=True)
+        else:
+            self.set_session(isolation_level=level, autocommit=False)
+
+    @staticmethod
+    def _level(value: Any) -> Optional[int]:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            name = value.upper().replace("_", " ")
+            if name == "DEFAULT":
+                return None
+            if name in _ISOLATION_LEVELS:
+                return _ISOLATION_LEVELS[name]
+        elif value in _ISOLATION_NAMES:
+            return int(value)
+        raise ValueError(
+            f"bad isolation level {value!r}: use one of "
+            f"{sorted(_ISOLATION_LEVELS)} or psycopg2's ISOLATION_LEVEL_* constants"
+        )
+
+    # -- the wire -----------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._raw.closed:
+            why = (
+                f": the server ended it while it was idle ({self._wire.lost})"
+                if self._wire.lost
+                else ""
+            )
+            raise InterfaceError("connection already closed" + why)
+
+    def _run(self, start: Callable[[], Any]) -> None:
+        """Send a query with ``start()`` and park until it completes."""
+        fib = current_fiber()
+        if fib is None:
+            raise NotInFiberError(
+                "a txfiberdb connection was used outside a fiber: queries wait "
+                "for the server. Run the code with txfiberdb.run_in_fiber() or "
+                "@txfiberdb.fibered."
+            )
+        if self._user is not None:
+            raise ProgrammingError(
+                f"this connection is in use by another fiber ({self._user!r}): "
+                f"a connection serves one fiber at a time; give each fiber its "
+                f"own (a pool does)"
+            )
+        self._check_open()
+        self._user = fib
+        try:
+            start()
+            d = self._wire.start()
+            try:
+                await_deferred(d)
+            except BaseException:
+                if self._wire.waiter is not None:
+                    self._interrupted()
+                raise
+        finally:
+            self._user = None
+
+    def _interrupted(self) -> None:
+        """The fiber stopped waiting (cancel, timeout) mid-query."""
+        with shield():
+            try:
+                self._raw.cancel()
+            except psycopg2.Error:
+                pass
+            d = self._wire.rewait()
+            try:
+                await_deferred(d, timeout=CANCEL_GRACE)
+            except psycopg2.Error:
+                pass  # QueryCanceledError, expected
+            except WaitTimeout:
+                _log.warn(
+                    "PostgreSQL did not confirm a cancel within {grace} s: "
+                    "closing the connection",
+                    grace=CANCEL_GRACE,
+                )
+                self._wire.close()
+
+    def _begin_prefix(self) -> str:
+        if self._autocommit or self.in_transaction:
+            return ""
+        return self._begin + ";"
+
+    # -- PEP 249 ------------------------------------------------------------
+
+    def cursor(
+        self,
+        name: Optional[str] = None,
+        cursor_factory: Optional[Callable[..., Any]] = None,
+        withhold: bool = False,
+        scrollable: Optional[bool] = None,
+    ) -> "Cursor":
+        """A cursor; with ``name``, a server-side cursor (:class:`ServerCursor`)."""
+        self._check_open()
+        factory = cursor_factory or self._cursor_factory
+        if name is not None:
+            return ServerCursor(self, name, withhold=withhold, scrollable=scrollable)
+        if factory is not None:
+            return factory(self)  # type: ignore[no-any-return]
+        return Cursor(self)
+
+    def commit(self) -> None:
+        """Commit the open transaction (no-op when none is open)."""
+        self._check_open()
+        if self.in_transaction:
+            raw = self._raw.cursor()
+            self._run(lambda: raw.execute("COMMIT"))
+
+    def rollback(self) -> None:
+        """Roll back the open transaction (no-op when none is open)."""
+        self._check_open()
+        if self.in_transaction:
+            raw = self._raw.cursor()
+            self._run(lambda: raw.execute("ROLLBACK"))
+
+    def close(self) -> None:
+        """Close the connection (the server rolls back an open transaction)."""
+        if self._wire._connection is not None:
+            self._wire.close()
+
+    def cancel(self) -> None:
+        """
+        Ask the server to cancel the query running on this connection (from
+        any fiber, or the hub).  psycopg2's ``PQcancel`` opens a connection of
+        its own and blocks for it: a few ms on a local server.
+        """
+        self._check_open()
+        self._raw.cancel()
+
+    def register_hstore(self) -> bool:
+        """
+        Convert hstore values to and from dicts on this connection.  Looks the
+        type's OIDs up with an ordinary query (psycopg2's ``register_hstore``
+        would run a hidden one, which breaks an asynchronous connection).
+
+        :return: False when the hstore extension is not installed.
+        """
+        cur = self.cursor()
+        cur.execute(
+            "SELECT t.oid, t.typarray FROM pg_type t "
+            "JOIN pg_namespace ns ON t.typnamespace = ns.oid "
+            "WHERE t.typname = 'hstore'"
+        )
+        rows = cur.fetchall()
+        if not rows:
+            return False
+        oid, array_oid = rows[0]
+        psycopg2.extras.register_hstore(self._raw, oid=oid, array_oid=array_oid)
+        return True
+
+    def add_notify_observer(self, observer: Callable[[Any], Any]) -> None:
+        """Call ``observer(notify)`` for each NOTIFY received (after LISTEN)."""
+        self._wire.addNotifyObserver(observer)
+
+    def remove_notify_observer(self, observer: Callable[[Any], Any]) -> None:
+        self._wire.removeNotifyObserver(observer)
+
+    def _unsupported(self, what: str, instead: str) -> Any:
+        raise NotSupportedError(
+            f"{what} is not available on an asynchronous connection: {instead}"
+        )
+
+    def tpc_begin(self, xid: Any) -> None:
+        self._unsupported(
+            "two-phase commit through tpc_*()",
+            "send PREPARE TRANSACTION / COMMIT PREPARED as SQL",
+        )
+
+    tpc_prepare = tpc_commit = tpc_rollback = tpc_recover = tpc_begin  # type: ignore[assignment]
+
+    def lobject(self, *args: Any, **kwargs: Any) -> None:
+        self._unsupported("lobject()", "use bytea columns, or lo_* SQL functions")
+
+    def set_client_encoding(self, encoding: str) -> None:
+        self._unsupported(
+            "set_client_encoding()", "put client_encoding in the DSN instead"
+        )
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        # As psycopg2: commit or roll back, leave the connection open.
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._raw.closed else "open"
+        return f"<txfiberdb.dbapi.Connection {state} {self._raw.dsn!r}>"
+
+
+class Cursor:
+    """A client-side cursor: each result arrives whole, fetches do no I/O."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self._raw = connection._raw.cursor()
+        self.arraysize = 1
+        self._rowcount_override: Optional[int] = None
+
+    # -- results (no I/O) -----------------------------------------------------
+
+    @property
+    def description(self) -> Any:
+        return self._raw.description
+
+    @property
+    def rowcount(self) -> int:
+        if self._rowcount_override is not None:
+            return self._rowcount_override
+        return self._raw.rowcount  # type: ignore[no-any-return]
+
+    @property
+    def rownumber(self) -> int:
+        return self._raw.rownumber  # type: ignore[no-any-return]
+
+    @property
+    def lastrowid(self) -> int:
+        return self._raw.lastrowid  # type: ignore[no-any-return]
+
+    @property
+    def statusmessage(self) -> Optional[str]:
+        return self._raw.statusmessage  # type: ignore[no-any-return]
+
+    @property
+    def query(self) -> Optional[bytes]:
+        return self._raw.query  # type: ignore[no-any-return]
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._raw.closed)
+
+    @property
+    def name(self) -> Optional[str]:
+        return None
+
+    def fetchone(self) -> Optional[tuple[Any, ...]]:
+        return self._raw.fetchone()  # type: ignore[no-any-return]
+
+    def fetchmany(self, size: Optional[int] = None) -> list[tuple[Any, ...]]:
+        return self._raw.fetchmany(self.arraysize if size is None else size)  # type: ignore[no-any-return]
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return self._raw.fetchall()  # type: ignore[no-any-return]
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        while True:
+            row = self.fetchone()
+            if row is None:
+                return
+            yield row
+
+    def mogrify(self, operation: Any, parameters: Any = None) -> bytes:
+        return self._raw.mogrify(operation, parameters)  # type: ignore[no-any-return]
+
+    def setinputsizes(self, sizes: Any) -> None:
+        pass
+
+    def setoutputsize(self, size: Any, column: Any = None) -> None:
+        pass
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def __enter__(self) -> "Cursor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- queries --------------------------------------------------------------
+
+    def execute(self, operation: Any, parameters: Any = None) -> None:
+        """Run one statement (or several, ``;``-separated; the last one's
+        result is kept), parking the fiber until the server answers."""
+        _refuse_copy(operation)
+        conn = self.connection
+        self._rowcount_override = None
+        prefix = conn._begin_prefix()
+        raw = self._raw
+        if prefix:
+            if parameters is not None:
+                operation = raw.mogrify(operation, parameters)
+                parameters = None
+            if isinstance(operation, bytes):
+                operation = prefix.encode() + operation
+            else:
+                operation = prefix + operation
+        conn._run(lambda: raw.execute(operation, parameters))
+
+    def executemany(self, operation: Any, seq_of_parameters: Sequence[Any]) -> None:
+        """
+        Run ``operation`` for each parameter set, in as few round trips as
+        possible: a plain ``INSERT ... VALUES (...)`` becomes one multi-row
+        INSERT per ``page_size`` rows; anything else is sent as pages of
+        statements joined by ``;``.
+        """
+        self.executemany_batched(operation, seq_of_parameters)
+
+    def executemany_batched(
+        self, operation: Any, seq_of_parameters: Sequence[Any], page_size: int = 1000
+    ) -> None:
+        _refuse_copy(operation)
+        rows = list(seq_of_parameters)
+        if not rows:
+            self._rowcount_override = 0
+            return
+        text = operation.decode() if isinstance(operation, bytes) else operation
+        match = _INSERT_VALUES.match(text)
+        if match and not _RETURNING_OR_CONFLICT.search(match.group(2)):
+            head = match.group(1).encode(self.connection.encoding_python)
+            template = match.group(2)
+            total = 0
+            for start in range(0, len(rows), page_size):
+                page = rows[start : start + page_size]
+                values = b",".join(self._raw.mogrify(template, p) for p in page)
+                self.execute(head + values)
+                total += self._raw.rowcount
+            self._rowcount_override = total
+            return
+        for start in range(0, len(rows), page_size // 10 or 1):
+            page = rows[start : start + (page_size // 10 or 1)]
+            sql = b";".join(self._raw.mogrify(text, p) for p in page)
+            self.execute(sql)
+        self._rowcount_override = self._raw.rowcount if len(rows) == 1 else -1
+
+    def callproc(self, procname: str, parameters: Any = None) -> Any:
+        conn = self.connection
+        raw = self._raw
+        if conn._begin_prefix():
+            conn._run(lambda: raw.execute(conn._begin))
+        conn._run(lambda: raw.callproc(procname, parameters))
+        return parameters
+
+    def _copy(self, *args: Any, **kwargs: Any) -> None:
+        raise NotSupportedError(_COPY_REFUSED)
+
+    copy_from = copy_to = copy_expert = _copy
+
+    def __repr__(self) -> str:
+        return f"<txfiberdb.dbapi.Cursor of {self.connection!r}>"
+
+
+Connection.encoding_python = property(  # type: ignore[attr-defined]
+    lambda self: psycopg2.extensions.encodings.get(self._raw.encoding, "utf-8")
+)
+
+
+class ServerCursor(Cursor):
+    """
+    A named cursor: ``DECLARE`` at :meth:`execute`, then ``FETCH`` in batches
+    of ``itersize`` rows, inside the transaction (which ``execute`` begins if
+    needed, even in autocommit mode unless ``withhold``).  Rows never sit all
+    in memory at once unless you ``fetchall()``.
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        name: str,
+        withhold: bool = False,
+        scrollable: Optional[bool] = None,
+    ) -> None:
+        super().__init__(connection)
+        self._name = name
+        self._quoted = psycopg2.extensions.quote_ident(name, connection._raw)
+        self.withhold = withhold
+        self.scrollable = scrollable
+        self.itersize = 2000
+        self._buffer: list[tuple[Any, ...]] = []
+        self._pos = 0
+        self._exhausted = True
+        self._declared = False
+        self._description: Any = None
+        self._fetched = 0
+
+    @property
+    def name(self) -> Optional[str]:
+        return self._name
+
+    @property
+    def description(self) -> Any:
+        return self._description
+
+    @property
+    def rowcount(self) -> int:
+        return self._fetched if self._declared else -1
+
+    @property
+    def rownumber(self) -> int:
+        return self._fetched - (len(self._buffer) - self._pos)
+
+    def execute(self, operation: Any, parameters: Any = None) -> None:
+        _refuse_copy(operation)
+        if self._declared:
+            raise ProgrammingError("can't call .execute() on named cursors more than once")
+        conn = self.connection
+        if conn._autocommit and not self.withhold and not conn.in_transaction:
+            raise ProgrammingError(
+                "can't use a named cursor outside of transactions: turn "
+                "autocommit off, or declare it with cursor(name, withhold=True)"
+            )
+        raw = self._raw
+        query = raw.mogrify(operation, parameters)
+        scroll = {None: "", True: " SCROLL", False: " NO SCROLL"}[self.scrollable]
+        hold = " WITH HOLD" if self.withhold else ""
+        declare = f"DECLARE {self._quoted}{scroll} CURSOR{hold} FOR ".encode() + query
+        begin = "" if conn._autocommit or conn.in_transaction else conn._begin + ";"
+        fetch = f";FETCH FORWARD {int(self.itersize)} FROM {self._quoted}".encode()
+        sql = begin.encode() + declare + fetch
+        conn._run(lambda: raw.execute(sql))
+        self._declared = True
+        self._description = raw.description
+        self._take(raw.fetchall())
+
+    def _take(self, rows: list[tuple[Any, ...]]) -> None:
+        self._buffer = rows
+        self._pos = 0
+        self._fetched += len(rows)
+        self._exhausted = len(rows) < self.itersize
+
+    def _fetch(self, count: Optional[int]) -> None:
+        what = "ALL" if count is None else f"FORWARD {int(count)}"
+        raw = self._raw
+        self.connection._run(
+            lambda: raw.execute(f"FETCH {what} FROM {self._quoted}".encode())
+        )
+        rows = raw.fetchall()
+        self._take(rows)
+        if count is None:
+            self._exhausted = True
+
+    def _check(self) -> None:
+        if not self._declared:
+            raise ProgrammingError("no results to fetch: call execute() first")
+
+    def fetchone(self) -> Optional[tuple[Any, ...]]:
+        self._check()
+        if self._pos >= len(self._buffer):
+            if self._exhausted:
+                return None
+            self._fetch(self.itersize)
+            if not self._buffer:
+                return None
+        row = self._buffer[self._pos]
+        self._pos += 1
+        return row
+
+    def fetchmany(self, size: Optional[int] = None) -> list[tuple[Any, ...]]:
+        self._check()
+        size = self.arraysize if size is None else size
+        out: list[tuple[Any, ...]] = []
+        while len(out) < size:
+            if self._pos >= len(self._buffer):
+                if self._exhausted:
+                    break
+                self._fetch(max(self.itersize, size - len(out)))
+                if not self._buffer:
+                    break
+            take = self._buffer[self._pos : self._pos + size - len(out)]
+            self._pos += len(take)
+            out.extend(take)
+        return out
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        self._check()
+        out = self._buffer[self._pos :]
+        self._pos = len(self._buffer)
+        if not self._exhausted:
+            self._fetch(None)
+            out.extend(self._buffer)
+            self._pos = len(self._buffer)
+        return out
+
+    def scroll(self, value: int, mode: str = "relative") -> None:
+        raise NotSupportedError("scroll() is not supported on txfiberdb's named cursors")
+
+    def close(self) -> None:
+        """Close the server-side cursor (when its transaction is still open)."""
+        conn = self.connection
+        if (
+            self._declared
+            and not conn._raw.closed
+            and conn.in_transaction
+            and conn._user is None
+            and in_fiber()
+            and conn.get_transaction_status()
+            == psycopg2.extensions.TRANSACTION_STATUS_INTRANS
+        ):
+            raw = self._raw
+            try:
+                conn._run(lambda: raw.execute(f"CLOSE {self._quoted}".encode()))
+            except (psycopg2.Error, CancelledError):
+                pass
+        self._declared = False
+        self._buffer = []
+        super().close()
