@@ -32,7 +32,7 @@ import functools
 import sys
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, TypeVar, cast
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import greenlet
 from twisted.internet.defer import CancelledError, Deferred
@@ -150,6 +150,15 @@ def _runs_reactor() -> bool:
 class _Fiber(greenlet.greenlet):
     """A greenlet that waits through the bridge."""
 
+    __slots__ = (
+        "deferred",
+        "waiting_on",
+        "cancel_pending",
+        "shield_depth",
+        "exit_callbacks",
+        "name",
+    )
+
     def __init__(
         self,
         run: Callable[..., Any],
@@ -220,14 +229,6 @@ def _deliver(fib: _Fiber, outcome: Any) -> None:
         d.errback(outcome)
     else:
         d.callback(outcome)
-
-
-def _wake(fib: _Fiber, value: Any) -> None:
-    """Resume ``fib``: at once from the hub, through the reactor otherwise."""
-    if _getcurrent() is fib.parent:
-        _resume(fib, value)
-    else:
-        _reactor().callLater(0, _resume, fib, value)
 
 
 def run_in_fiber(f: Callable[..., _T], *args: Any, **kwargs: Any) -> Deferred[_T]:
@@ -371,12 +372,16 @@ def await_deferred(d: Deferred[_T], timeout: Optional[float] = None) -> _T:
             "use the Deferred's callbacks." % (fib,)
         )
     box: list[Any] = []
+    hub = fib.parent
 
     def got(result: Any) -> None:
         if fib.waiting_on is d:
             fib.waiting_on = None
             _hub.parked -= 1
-            _wake(fib, result)
+            if _getcurrent() is hub:
+                _resume(fib, result)
+            else:  # fired in another fiber: resume from the hub only
+                _reactor().callLater(0, _resume, fib, result)
         else:
             box.append(result)
 
@@ -400,7 +405,7 @@ def await_deferred(d: Deferred[_T], timeout: Optional[float] = None) -> _T:
                 timer = _reactor().callLater(timeout, expire)
             fib.waiting_on = d
             _hub.parked += 1
-            result = fib.parent.switch()
+            result = hub.switch()
             if timer is not None and timer.active():
                 timer.cancel()
             if timed_out and isinstance(result, Failure) and result.check(
@@ -414,7 +419,7 @@ def await_deferred(d: Deferred[_T], timeout: Optional[float] = None) -> _T:
         if exc.__traceback__ is None and result.tb is not None:
             exc = exc.with_traceback(result.tb)
         raise exc
-    return cast(_T, result)
+    return result  # type: ignore[no-any-return]
 
 
 def sleep(seconds: float) -> None:
