@@ -1,0 +1,183 @@
+# -*- test-case-name: tests.test_dialect -*-
+r"""
+The SQLAlchemy dialect ``postgresql+txpostgres``: PostgreSQL through
+txpostgres, for code running in txfiberdb fibers.
+
+URL
+---
+
+::
+
+    postgresql+txpostgres://user:password@host:port/dbname[?key=value&...]
+
+Query-string keys are libpq connection parameters (``sslmode``,
+``application_name``, ``connect_timeout``, ``host=/run/postgresql`` for a
+unix socket, ...).  The dialect is registered through the
+``sqlalchemy.dialects`` entry point when txfiberdb is installed.
+
+Use
+---
+
+``create_engine()`` returns an ordinary synchronous Engine: Core, the ORM,
+Session, relationships with lazy loading, events and Alembic work unchanged.
+Use it inside a fiber (:func:`txfiberdb.run_in_fiber`, ``@txfiberdb.fibered``,
+``txfiberdb.klein.route``); there, every query parks the fiber and the
+reactor serves everybody else meanwhile.  Used outside a fiber it raises
+:exc:`txfiberdb.NotInFiberError` at once instead of freezing the reactor.
+
+The default pool is :class:`txfiberdb.pool.FiberQueuePool` (SQLAlchemy's
+``QueuePool`` whose waits park the fiber); ``pool_size``, ``max_overflow``,
+``pool_timeout``, ``pool_recycle``, ``pool_pre_ping`` and ``pool_use_lifo``
+mean what they mean in SQLAlchemy.
+
+Type handling is the psycopg2 dialect's (this dialect derives from it):
+json, jsonb, uuid, arrays, ranges, numerics, hstore (registered when the
+extension exists; its OIDs are looked up with an ordinary query).
+
+Differences from ``postgresql+psycopg2``
+----------------------------------------
+
+- ``client_encoding=`` is passed as a connection parameter (an asynchronous
+  connection cannot change it afterwards).
+- ``executemany`` is batched by the driver; ``executemany_mode`` is always
+  ``values_only``, and ``supports_sane_multi_rowcount`` is False (rows
+  matched by a batch of UPDATEs are not counted per statement).
+- Two-phase transactions are done in SQL (``PREPARE TRANSACTION``, ``COMMIT
+  PREPARED``), as the base PostgreSQL dialect does; the server needs
+  ``max_prepared_transactions`` > 0.
+- COPY is refused (it would wedge an asynchronous connection).
+- Cancelling a fiber (for instance Klein cancelling a request's Deferred when
+  the client goes away) cancels its running query on the server; the
+  connection is rolled back when returned to the pool.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.dialects.postgresql.base import PGDialect
+from sqlalchemy.dialects.postgresql.psycopg2 import (
+    PGDialect_psycopg2,
+    PGExecutionContext_psycopg2,
+)
+
+from txfiberdb.pool import FiberQueuePool
+
+__all__ = ["TxPostgresDialect", "dialect"]
+
+_HSTORE_OIDS = (
+    "SELECT t.oid, t.typarray FROM pg_type t "
+    "JOIN pg_namespace ns ON t.typnamespace = ns.oid "
+    "WHERE t.typname = 'hstore'"
+)
+
+
+class TxPostgresExecutionContext(PGExecutionContext_psycopg2):
+    pass
+
+
+class TxPostgresDialect(PGDialect_psycopg2):
+    """``postgresql+txpostgres``: the psycopg2 dialect over txfiberdb.dbapi."""
+
+    driver = "txpostgres"
+    supports_statement_cache = True
+    supports_sane_multi_rowcount = False
+    execution_ctx_cls = TxPostgresExecutionContext
+    poolclass = FiberQueuePool
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.pop("executemany_mode", None)
+        super().__init__(**kwargs)
+
+    @classmethod
+    def import_dbapi(cls) -> Any:
+        from txfiberdb import dbapi
+
+        return dbapi
+
+    @classmethod
+    def get_pool_class(cls, url: Any) -> Any:
+        return FiberQueuePool
+
+    def initialize(self, connection: Any) -> None:
+        super().initialize(connection)
+        self.supports_sane_multi_rowcount = False
+
+    def create_connect_args(self, url: Any) -> Any:
+        args, opts = super().create_connect_args(url)
+        if self.client_encoding is not None:
+            opts["client_encoding"] = self.client_encoding
+        return args, opts
+
+    def on_connect(self) -> Any:
+        # psycopg2's registrations want the raw psycopg2 connection; uuid is
+        # registered by txfiberdb.dbapi.connect() already.
+        extras = self._psycopg2_extras
+
+        def on_connect(conn: Any) -> None:
+            raw = conn.raw_connection
+            if self.use_native_hstore:
+                oids = self._hstore_oids(conn)
+                if oids is not None:
+                    extras.register_hstore(raw, oid=oids[0], array_oid=oids[1])
+            if self._json_deserializer:
+                extras.register_default_json(raw, loads=self._json_deserializer)
+                extras.register_default_jsonb(raw, loads=self._json_deserializer)
+
+        return on_connect
+
+    def _hstore_oids(self, dbapi_connection: Any) -> Any:
+        # psycopg2's HstoreAdapter.get_oids runs a hidden query that breaks an
+        # asynchronous connection: look the OIDs up with an ordinary one.
+        # Cached per dialect (one database per engine), as psycopg2's is.
+        if "_hstore_oid_cache" in self.__dict__:
+            return self.__dict__["_hstore_oid_cache"]
+        conn = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
+        was_idle = not conn.in_transaction
+        cursor = conn.cursor()
+        try:
+            cursor.execute(_HSTORE_OIDS)
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+            if was_idle and not conn.autocommit:
+                conn.rollback()
+        oids = tuple(row) if row and row[0] else None
+        self.__dict__["_hstore_oid_cache"] = oids
+        return oids
+
+    def set_isolation_level(self, dbapi_connection: Any, level: str) -> None:
+        if dbapi_connection.in_transaction:
+            dbapi_connection.rollback()
+        dbapi_connection.set_isolation_level(self._isolation_lookup[level])
+
+    def do_ping(self, dbapi_connection: Any) -> bool:
+        cursor = dbapi_connection.cursor()
+        before = dbapi_connection.autocommit
+        idle = not dbapi_connection.in_transaction
+        try:
+            if idle:
+                dbapi_connection.autocommit = True
+            cursor.execute("SELECT 1")
+        finally:
+            cursor.close()
+            if idle and not dbapi_connection.closed:
+                dbapi_connection.autocommit = before
+        return True
+
+    # Two-phase commit in SQL, as the base PostgreSQL dialect does.
+    do_begin_twophase = PGDialect.do_begin_twophase
+    do_prepare_twophase = PGDialect.do_prepare_twophase
+    do_rollback_twophase = PGDialect.do_rollback_twophase
+    do_commit_twophase = PGDialect.do_commit_twophase
+    do_recover_twophase = PGDialect.do_recover_twophase
+
+    @property
+    def _is_disconnect_messages(self) -> tuple[str, ...]:  # type: ignore[override]
+        return super()._is_disconnect_messages + (
+            "the connection to the server was lost",
+            "the connection was closed",
+        )
+
+
+dialect = TxPostgresDialect

@@ -1,0 +1,233 @@
+# -*- test-case-name: tests.test_pool -*-
+"""
+A greenlet-aware connection pool: SQLAlchemy's ``QueuePool`` whose waits park
+the calling fiber instead of blocking the reactor's thread.
+
+SQLAlchemy's stock ``QueuePool``, used under Twisted, blocks the whole reactor
+for ``pool_timeout`` when it is exhausted, and the fiber holding the
+connection can never give it back.  :class:`FiberQueuePool` changes only what
+must change, as SQLAlchemy's own ``AsyncAdaptedQueuePool`` does for asyncio:
+
+- the queue (:class:`FiberQueue`): a fiber that finds no idle connection parks
+  on a Deferred; connections returned are handed to waiting fibers first come
+  first served; ``pool_timeout`` raises SQLAlchemy's ``TimeoutError`` while
+  the reactor goes on;
+- the first connection is made by one fiber at a time (SQLAlchemy runs its
+  first-connect set-up under a thread lock, which a parked fiber would hold);
+- a connection still checked out when its fiber ends (an error, a forgotten
+  Session, a cancel) is rolled back and returned when the fiber ends, with a
+  warning: no registration by the application, no reliance on the garbage
+  collector;
+- a checkout outside a fiber fails at once with :exc:`NotInFiberError`.
+
+Options and names are SQLAlchemy's: ``pool_size``, ``max_overflow``,
+``pool_timeout``, ``pool_recycle``, ``pool_pre_ping``, ``pool_use_lifo``.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any, Deque, Optional
+
+from sqlalchemy.pool import QueuePool
+from sqlalchemy.util.queue import Empty, Full, QueueCommon
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from txfiberdb.fiber import (
+    NotInFiberError,
+    WaitTimeout,
+    await_deferred,
+    current_fiber,
+    on_fiber_exit,
+)
+from txfiberdb.fiber import stats as fiber_stats
+
+__all__ = ["FiberQueue", "FiberQueuePool", "pool_stats"]
+
+_log = Logger(namespace="txfiberdb.pool")
+
+
+class FiberQueue(QueueCommon[Any]):
+    """
+    The queue of idle connections.  ``get`` parks the calling fiber when the
+    queue is empty; ``put`` hands the item to the longest-waiting fiber.
+    """
+
+    def __init__(self, maxsize: int = 0, use_lifo: bool = False) -> None:
+        self.maxsize = maxsize
+        self.use_lifo = use_lifo
+        self._items: Deque[Any] = collections.deque()
+        self._waiters: Deque[tuple[Deferred[Any], float]] = collections.deque()
+        self.longest_wait = 0.0
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def full(self) -> bool:
+        return 0 < self.maxsize <= len(self._items)
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    @property
+    def waiting(self) -> int:
+        """Fibers parked waiting for a connection."""
+        return len(self._waiters)
+
+    def oldest_wait(self) -> float:
+        """How long the longest-waiting fiber has waited so far (seconds)."""
+        if not self._waiters:
+            return 0.0
+        return time.monotonic() - self._waiters[0][1]
+
+    def put_nowait(self, item: Any) -> None:
+        while self._waiters:
+            d, _ = self._waiters.popleft()
+            if not d.called:
+                d.callback(item)
+                return
+        if self.full():
+            raise Full()
+        self._items.append(item)
+
+    def put(self, item: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+        self.put_nowait(item)
+
+    def get_nowait(self) -> Any:
+        if not self._items:
+            raise Empty()
+        return self._items.pop() if self.use_lifo else self._items.popleft()
+
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
+        if self._items or not block:
+            return self.get_nowait()
+        d: Deferred[Any] = Deferred()
+        started = time.monotonic()
+        entry = (d, started)
+        self._waiters.append(entry)
+        try:
+            return await_deferred(d, timeout=timeout)
+        except WaitTimeout:
+            raise Empty() from None
+        finally:
+            waited = time.monotonic() - started
+            if waited > self.longest_wait:
+                self.longest_wait = waited
+            try:
+                self._waiters.remove(entry)
+            except ValueError:
+                pass
+
+
+class FiberQueuePool(QueuePool):
+    """
+    ``QueuePool`` for fibers; the default pool of ``postgresql+txpostgres``.
+    Same arguments as :class:`sqlalchemy.pool.QueuePool`.
+    """
+
+    _queue_class = FiberQueue  # type: ignore[assignment]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._first_connect_done = False
+        self._first_connect_waiters: Optional[list[Deferred[None]]] = None
+        self._held: dict[Any, list[Any]] = {}
+
+    def connect(self) -> Any:
+        fib = current_fiber()
+        if fib is None:
+            raise NotInFiberError(
+                "a txfiberdb engine was used outside a fiber: talking to "
+                "PostgreSQL waits, and waiting on the reactor's greenlet would "
+                "freeze it. Run this code with txfiberdb.run_in_fiber(f) or "
+                "decorate it with @txfiberdb.fibered."
+            )
+        fairy = super().connect()
+        held = self._held.get(fib)
+        if held is None:
+            held = self._held[fib] = []
+            on_fiber_exit(lambda: self._return_leftovers(fib))
+        else:
+            held[:] = [f for f in held if f.dbapi_connection is not None]
+        held.append(fairy)
+        return fairy
+
+    def _return_leftovers(self, fib: Any) -> None:
+        for fairy in self._held.pop(fib, ()):
+            if fairy.dbapi_connection is None or fairy._connection_record is None:
+                continue  # given back already
+            _log.warn(
+                "fiber {fiber} ended holding a pooled connection; it was "
+                "rolled back and returned to the pool. Close Sessions and "
+                "Connections before the fiber ends (use 'with Session(engine) "
+                "as session:')",
+                fiber=getattr(fib, "name", fib),
+            )
+            fairy._checkin()
+
+    def _create_connection(self) -> Any:
+        if self._first_connect_done:
+            return super()._create_connection()
+        # SQLAlchemy runs its first-connect set-up under a threading.Lock; a
+        # second fiber reaching that lock while the first one is parked inside
+        # would block the reactor's thread for good.  One at a time, then.
+        while self._first_connect_waiters is not None:
+            d: Deferred[None] = Deferred()
+            self._first_connect_waiters.append(d)
+            await_deferred(d)
+        if self._first_connect_done:
+            return super()._create_connection()
+        self._first_connect_waiters = []
+        try:
+            record = super()._create_connection()
+            self._first_connect_done = True
+            return record
+        finally:
+            waiters, self._first_connect_waiters = self._first_connect_waiters, None
+            for w in waiters:
+                w.callback(None)
+
+    def recreate(self) -> "FiberQueuePool":
+        new = super().recreate()
+        new._first_connect_done = self._first_connect_done  # type: ignore[attr-defined]
+        return new  # type: ignore[return-value]
+
+    def stats(self) -> dict[str, Any]:
+        """The pool's counters (see :func:`pool_stats`)."""
+        queue: FiberQueue = self._pool  # type: ignore[assignment]
+        return {
+            "size": self.size(),
+            "checked_out": self.checkedout(),
+            "idle": self.checkedin(),
+            "overflow": max(self.overflow(), 0),
+            "waiting": queue.waiting,
+            "oldest_wait": queue.oldest_wait(),
+            "longest_wait": queue.longest_wait,
+        }
+
+
+def pool_stats(engine_or_pool: Any) -> dict[str, Any]:
+    """
+    Pool and fiber counters in one dict, for a metrics endpoint: ``size``,
+    ``checked_out``, ``idle``, ``overflow``, ``waiting`` (fibers parked for a
+    connection), ``oldest_wait`` and ``longest_wait`` (seconds), and the
+    bridge's ``fibers_live``, ``fibers_parked``, ``fibers_started``,
+    ``fibers_finished``, ``longest_hold``.
+    """
+    pool = getattr(engine_or_pool, "pool", engine_or_pool)
+    out: dict[str, Any] = {}
+    if isinstance(pool, FiberQueuePool):
+        out.update(pool.stats())
+    else:
+        out["checked_out"] = pool.checkedout() if hasattr(pool, "checkedout") else None
+    f = fiber_stats()
+    out.update(
+        fibers_live=f["live"],
+        fibers_parked=f["parked"],
+        fibers_started=f["started"],
+        fibers_finished=f["finished"],
+        longest_hold=f["longest_hold"],
+    )
+    return out
