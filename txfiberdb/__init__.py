@@ -17,18 +17,24 @@ from txfiberdb.fiber import (
     sleep,
 )
 from txfiberdb.fiber import stats as fiber_stats
+from txfiberdb.orm import fiber_scope, fiber_scoped_session
+from txfiberdb.pool import FiberQueuePool, pool_stats
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "FiberQueuePool",
     "NotInFiberError",
     "WaitTimeout",
     "await_deferred",
     "current_fiber",
+    "fiber_scope",
+    "fiber_scoped_session",
     "fiber_stats",
     "fibered",
     "in_fiber",
     "on_fiber_exit",
+    "pool_stats",
     "run_in_fiber",
     "shield",
     "sleep",
