@@ -14,8 +14,11 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=find_packages(include=["txfiberdb", "txfiberdb.*"]),
-    package_data={"txfiberdb": ["py.typed"]},
+    # twisted/plugins/ is a dropin directory (no __init__.py), shipped as a
+    # package so that `twistd --help` lists klein-demo after installation.
+    packages=find_packages(include=["txfiberdb", "txfiberdb.*", "klein_demo", "klein_demo.*"])
+    + ["twisted.plugins"],
+    package_data={"txfiberdb": ["py.typed"], "twisted": ["plugins/*.py"]},
     install_requires=[
         "Twisted>=22.10",
         "txpostgres>=1.7",
