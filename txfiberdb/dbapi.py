@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable, Iterator, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Optional
 
 import psycopg2
 import psycopg2.extensions
@@ -281,7 +282,7 @@ def connect(
     connect_timeout: Optional[float] = None,
     reactor: Any = None,
     **kwargs: Any,
-) -> "Connection":
+) -> Connection:
     """
     Open a connection, parking the calling fiber until it is ready.
 
@@ -408,6 +409,11 @@ class Connection:
     @property
     def encoding(self) -> str:
         return self._raw.encoding  # type: ignore[no-any-return]
+
+    @property
+    def encoding_python(self) -> str:
+        """The Python codec of the connection's client encoding."""
+        return psycopg2.extensions.encodings.get(self._raw.encoding, "utf-8")  # type: ignore[no-any-return]
 
     @property
     def status(self) -> int:
@@ -606,7 +612,7 @@ class Connection:
         cursor_factory: Optional[Callable[..., Any]] = None,
         withhold: bool = False,
         scrollable: Optional[bool] = None,
-    ) -> "Cursor":
+    ) -> Cursor:
         """A cursor; with ``name``, a server-side cursor (:class:`ServerCursor`)."""
         self._check_open()
         factory = cursor_factory or self._cursor_factory
@@ -693,7 +699,7 @@ class Connection:
             "set_client_encoding()", "put client_encoding in the DSN instead"
         )
 
-    def __enter__(self) -> "Connection":
+    def __enter__(self) -> Connection:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -781,7 +787,7 @@ class Cursor:
     def close(self) -> None:
         self._raw.close()
 
-    def __enter__(self) -> "Cursor":
+    def __enter__(self) -> Cursor:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -860,11 +866,6 @@ class Cursor:
         return f"<txfiberdb.dbapi.Cursor of {self.connection!r}>"
 
 
-Connection.encoding_python = property(  # type: ignore[attr-defined]
-    lambda self: psycopg2.extensions.encodings.get(self._raw.encoding, "utf-8")
-)
-
-
 class ServerCursor(Cursor):
     """
     A named cursor: ``DECLARE`` at :meth:`execute`, then ``FETCH`` in batches
@@ -912,7 +913,9 @@ class ServerCursor(Cursor):
     def execute(self, operation: Any, parameters: Any = None) -> None:
         _refuse_copy(operation)
         if self._declared:
-            raise ProgrammingError("can't call .execute() on named cursors more than once")
+            raise ProgrammingError(
+                "can't call .execute() on named cursors more than once"
+            )
         conn = self.connection
         if conn._autocommit and not self.withhold and not conn.in_transaction:
             raise ProgrammingError(
@@ -992,7 +995,9 @@ class ServerCursor(Cursor):
         return out
 
     def scroll(self, value: int, mode: str = "relative") -> None:
-        raise NotSupportedError("scroll() is not supported on txfiberdb's named cursors")
+        raise NotSupportedError(
+            "scroll() is not supported on txfiberdb's named cursors"
+        )
 
     def close(self) -> None:
         """Close the server-side cursor (when its transaction is still open)."""

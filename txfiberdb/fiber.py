@@ -31,8 +31,9 @@ import contextvars
 import functools
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 import greenlet
 from twisted.internet.defer import CancelledError, Deferred
@@ -366,10 +367,10 @@ def await_deferred(d: Deferred[_T], timeout: Optional[float] = None) -> _T:
     fib = _getcurrent()
     if not isinstance(fib, _Fiber):
         raise NotInFiberError(
-            "await_deferred() called outside a fiber (here: %r); waiting on "
+            f"await_deferred() called outside a fiber (here: {fib!r}); waiting on "
             "the reactor's greenlet would freeze the reactor. Run this code in "
             "a fiber with txfiberdb.run_in_fiber(f) or @txfiberdb.fibered, or "
-            "use the Deferred's callbacks." % (fib,)
+            "use the Deferred's callbacks."
         )
     box: list[Any] = []
     hub = fib.parent
@@ -408,14 +409,17 @@ def await_deferred(d: Deferred[_T], timeout: Optional[float] = None) -> _T:
             result = hub.switch()
             if timer is not None and timer.active():
                 timer.cancel()
-            if timed_out and isinstance(result, Failure) and result.check(
-                CancelledError
+            if (
+                timed_out
+                and isinstance(result, Failure)
+                and result.check(CancelledError)
             ):
                 raise WaitTimeout(
                     f"gave up waiting for {d!r} after {timeout} s"
                 ) from result.value
     if isinstance(result, Failure):
         exc = result.value
+        assert exc is not None
         if exc.__traceback__ is None and result.tb is not None:
             exc = exc.with_traceback(result.tb)
         raise exc

@@ -5,7 +5,8 @@ SQLAlchemy ORM helpers for fibers.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy.orm import scoped_session
 
@@ -38,7 +39,10 @@ def fiber_scoped_session(session_factory: Callable[..., Any]) -> scoped_session[
     >>> Session = fiber_scoped_session(sessionmaker(engine))   # doctest: +SKIP
     >>> Session.add(obj); Session.commit()                     # doctest: +SKIP
     """
-    scoped: scoped_session[Any] = scoped_session(session_factory, scopefunc=fiber_scope)
+    scoped: scoped_session[Any] = scoped_session(
+        session_factory,  # type: ignore[arg-type]
+        scopefunc=fiber_scope,
+    )
     registry: Any = scoped.registry
     create = registry.createfunc
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Any, Deque, Optional
+from typing import Any, Optional
 
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.util.queue import Empty, Full, QueueCommon
@@ -58,8 +58,10 @@ class FiberQueue(QueueCommon[Any]):
     def __init__(self, maxsize: int = 0, use_lifo: bool = False) -> None:
         self.maxsize = maxsize
         self.use_lifo = use_lifo
-        self._items: Deque[Any] = collections.deque()
-        self._waiters: Deque[tuple[Deferred[Any], float]] = collections.deque()
+        self._items: collections.deque[Any] = collections.deque()
+        self._waiters: collections.deque[tuple[Deferred[Any], float]] = (
+            collections.deque()
+        )
         self.longest_wait = 0.0
 
     def empty(self) -> bool:
@@ -92,7 +94,9 @@ class FiberQueue(QueueCommon[Any]):
             raise Full()
         self._items.append(item)
 
-    def put(self, item: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+    def put(
+        self, item: Any, block: bool = True, timeout: Optional[float] = None
+    ) -> None:
         self.put_nowait(item)
 
     def get_nowait(self) -> Any:
@@ -189,7 +193,7 @@ class FiberQueuePool(QueuePool):
             for w in waiters:
                 w.callback(None)
 
-    def recreate(self) -> "FiberQueuePool":
+    def recreate(self) -> FiberQueuePool:
         new = super().recreate()
         new._first_connect_done = self._first_connect_done  # type: ignore[attr-defined]
         return new  # type: ignore[return-value]

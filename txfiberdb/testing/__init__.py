@@ -99,8 +99,9 @@ def drop_database(dsn: str) -> None:
 
 def dsn_to_url(dsn: str, driver: str = "txpostgres") -> str:
     """A SQLAlchemy URL (``postgresql+<driver>://``) for a libpq DSN."""
-    from psycopg2.extensions import parse_dsn
     from urllib.parse import quote
+
+    from psycopg2.extensions import parse_dsn
 
     p = parse_dsn(dsn)
     auth = quote(p.get("user", ""), safe="")

@@ -52,9 +52,7 @@ def find_postgres_bindir() -> str:
     initdb = shutil.which("initdb")
     if initdb:
         candidates.append(os.path.dirname(os.path.realpath(initdb)))
-    candidates.extend(
-        sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
-    )
+    candidates.extend(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True))
     try:
         import pgserver._commands  # type: ignore[import-untyped]
 
@@ -132,11 +130,9 @@ class TemporaryPostgres:
 
     def url(self, dbname: str = "postgres", driver: str = "txpostgres") -> str:
         """A SQLAlchemy URL for ``dbname`` (``driver``: txpostgres, psycopg2...)."""
-        return (
-            f"postgresql+{driver}://{self.user}@{self.host}:{self.port}/{dbname}"
-        )
+        return f"postgresql+{driver}://{self.user}@{self.host}:{self.port}/{dbname}"
 
-    def _run(self, args: list[str], **kwargs: object) -> None:
+    def _run(self, args: list[str]) -> None:
         exe = os.path.join(self.bindir or "", args[0])
         result = subprocess.run(
             [exe, *args[1:]],
@@ -147,7 +143,6 @@ class TemporaryPostgres:
             user=self._run_as,
             cwd=self.directory,
             timeout=120,
-            **kwargs,  # type: ignore[arg-type]
         )
         if result.returncode:
             raise PostgresUnavailable(
@@ -155,7 +150,7 @@ class TemporaryPostgres:
                 f"{result.stdout.strip()}"
             )
 
-    def start(self) -> "TemporaryPostgres":
+    def start(self) -> TemporaryPostgres:
         """Create the cluster and start the server; return ``self``."""
         if self.running:
             return self
@@ -256,7 +251,9 @@ class TemporaryPostgres:
             return
         try:
             if os.path.exists(os.path.join(self.datadir, "postmaster.pid")):
-                self._run(["pg_ctl", "-D", self.datadir, "-m", "immediate", "-w", "stop"])
+                self._run(
+                    ["pg_ctl", "-D", self.datadir, "-m", "immediate", "-w", "stop"]
+                )
         except Exception:
             pass
         finally:
@@ -268,7 +265,7 @@ class TemporaryPostgres:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None
 
-    def __enter__(self) -> "TemporaryPostgres":
+    def __enter__(self) -> TemporaryPostgres:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

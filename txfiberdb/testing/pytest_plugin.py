@@ -11,7 +11,8 @@ pytest plugin (entry point ``pytest11``), built on pytest-twisted.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
