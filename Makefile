@@ -17,6 +17,9 @@ test: $(STAMP)
 	$(PY) -m twisted.trial tests
 	$(PY) -m pytest tests
 
+demo: $(STAMP)
+	$(VENV)/bin/twistd -n klein-demo $(ARGS)
+
 trial: $(STAMP)
 	$(PY) -m twisted.trial tests
 

@@ -53,15 +53,17 @@ def find_postgres_bindir() -> str:
     if initdb:
         candidates.append(os.path.dirname(os.path.realpath(initdb)))
     candidates.extend(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True))
-    try:
-        import pgserver._commands  # type: ignore[import-untyped]
-
-        candidates.append(str(pgserver._commands.POSTGRES_BIN_PATH))
-    except Exception:
-        pass
     for bindir in candidates:
         if _has_server(bindir):
             return bindir
+    try:  # last: importing pgserver costs time and warnings
+        import pgserver._commands  # type: ignore[import-untyped]
+
+        bindir = str(pgserver._commands.POSTGRES_BIN_PATH)
+        if _has_server(bindir):
+            return bindir
+    except Exception:
+        pass
     raise PostgresUnavailable(
         "no PostgreSQL server binaries found (looked at $TXFIBERDB_PG_BINDIR, "
         "initdb on PATH, /usr/lib/postgresql/*/bin and the pgserver package). "

@@ -1,0 +1,137 @@
+"""
+pytest set-up for SQLAlchemy's third-party dialect compliance suite
+(``sqlalchemy.testing.suite``), run against ``postgresql+txpostgres`` and,
+for comparison, ``postgresql+psycopg2``.
+
+How the database work gets a fiber
+----------------------------------
+
+``postgresql+txpostgres`` may only be used inside a txfiberdb fiber, with the
+Twisted reactor turning.  SQLAlchemy's plugin does database work everywhere:
+provisioning at session start, class set-up (``define_tables``,
+``insert_data``), fixtures, test bodies, teardown, ``--dropfirst`` and final
+cleanup.  Fixtures and tests also hand connections to one another (the
+``connection`` fixture checks one out that the test then uses), so giving
+each call a fiber of its own would not do: txfiberdb's pool returns what a
+fiber still holds when that fiber ends.
+
+So the *whole pytest session* runs in one fiber: :func:`pytest_cmdline_main`
+(``tryfirst``) re-enters the hook inside a fiber and, on the main greenlet
+(the hub), turns the reactor with ``reactor.iterate()`` until the session is
+over.  Every hook, fixture and test then runs in that fiber, exactly in the
+order pytest would run them anyway, and each query parks the fiber while the
+main greenlet drives the reactor.  With psycopg2 the same fiber simply blocks.
+
+SQLAlchemy's own asyncio bridge (``sqlalchemy.testing.asyncio._async_util``)
+is replaced by one that runs its callable in the current fiber:
+``_assume_async(post_begin)`` would otherwise start an asyncio loop and a
+greenlet that is not a fiber.
+
+pytest-twisted and txfiberdb's own pytest plugin must be off
+(``-p no:twisted -p no:txfiberdb``, in ``setup.cfg``'s ``addopts``): both
+run the reactor their own way.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import greenlet
+import pytest
+from sqlalchemy.dialects import registry
+
+# Installed txfiberdb registers it through its entry point; be explicit.
+registry.register("postgresql.txpostgres", "txfiberdb.dialect", "TxPostgresDialect")
+
+pytest.register_assert_rewrite("sqlalchemy.testing.assertions")
+
+import provision  # noqa: E402,F401  (PostgreSQL provisioning for any driver)
+from sqlalchemy.testing.plugin.pytestplugin import *  # noqa: E402,F401,F403
+
+from twisted.internet import reactor  # noqa: E402
+from twisted.python.failure import Failure  # noqa: E402
+
+from txfiberdb import fiber  # noqa: E402
+
+#: Longest single wait of the hub in the reactor's poller (seconds).
+_MAX_POLL = 0.05
+
+
+def run_blocking(fn, *args, **kwargs):
+    """
+    Call ``fn(*args, **kwargs)`` in a fiber and turn the reactor on the
+    current (hub) greenlet until it returns; return its result or raise its
+    exception with its own traceback.  Already in a fiber: just call it.
+    """
+    if fiber.in_fiber():
+        return fn(*args, **kwargs)
+    fiber.set_hub(greenlet.getcurrent())
+    outcome = {}
+
+    def body():
+        try:
+            outcome["result"] = fn(*args, **kwargs)
+        except BaseException as e:  # pytest's outcomes are BaseExceptions
+            outcome["error"] = e
+
+    done = []
+    fiber.run_in_fiber(body).addBoth(done.append)
+    while not done:
+        timeout = reactor.timeout()
+        reactor.iterate(_MAX_POLL if timeout is None else min(timeout, _MAX_POLL))
+    if "error" in outcome:
+        error = outcome.pop("error")
+        try:
+            raise error
+        finally:
+            del error
+    if isinstance(done[0], Failure):
+        done[0].raiseException()  # the harness itself failed
+    return outcome.get("result")
+
+
+class _FiberAsyncUtil:
+    """Stands in for ``sqlalchemy.testing.asyncio._async_util``."""
+
+    def __init__(self, original):
+        self._original = original
+
+    def run_in_greenlet(self, fn, *args, **kwargs):
+        return run_blocking(fn, *args, **kwargs)
+
+    def run(self, fn, *args, **kwargs):
+        # ``async def`` tests (``@async_test``): only for asyncio dialects.
+        return self._original.run(fn, *args, **kwargs)
+
+    def close(self):
+        self._original.close()
+
+
+def _install():
+    from sqlalchemy.testing import asyncio as sa_testing_asyncio
+
+    if not isinstance(sa_testing_asyncio._async_util, _FiberAsyncUtil):
+        sa_testing_asyncio._async_util = _FiberAsyncUtil(
+            sa_testing_asyncio._async_util
+        )
+    # The session fiber runs for minutes between waits (collection, CPU-bound
+    # tests): the "held the reactor" warning is noise here.
+    fiber.set_slow_threshold(None)
+
+
+_install()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    if fiber.in_fiber():
+        return None  # inside the session fiber: let pytest do its work
+    return run_blocking(config.hook.pytest_cmdline_main, config=config)
+
+
+def pytest_report_header(config):
+    return (
+        f"txfiberdb compliance: session runs in one fiber; reactor "
+        f"{type(reactor).__module__}.{type(reactor).__name__}; python "
+        f"{sys.version.split()[0]}"
+    )
