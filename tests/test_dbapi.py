@@ -524,3 +524,18 @@ class CancellationTests(DatabaseTestCase):
             await_deferred(d)
         conn.rollback()
         self.assertEqual(self.active_sleeps(), 0)
+
+
+class NotifyTests(DatabaseTestCase):
+    def test_listen_notify(self):
+        conn = self.connect()
+        conn.autocommit = True
+        got = []
+        conn.add_notify_observer(lambda n: got.append((n.channel, n.payload)))
+        conn.cursor().execute("LISTEN shop_events")
+        self.admin("NOTIFY shop_events, 'restocked'")
+        for _ in range(100):
+            if got:
+                break
+            sleep(0.01)
+        self.assertEqual(got, [("shop_events", "restocked")])
