@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test trial pytest demo lint bench clean
+.PHONY: test trial pytest compliance demo lint bench clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,11 @@ $(STAMP): setup.py pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m twisted.trial tests
+	PYTHON=$(abspath $(PY)) bash compliance/run.sh
 	$(PY) -m pytest tests
+
+compliance: $(STAMP)
+	PYTHON=$(abspath $(PY)) bash compliance/run.sh
 
 demo: $(STAMP)
 	$(VENV)/bin/twistd -n klein-demo $(ARGS)

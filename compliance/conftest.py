@@ -34,6 +34,7 @@ run the reactor their own way.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import greenlet
@@ -47,7 +48,6 @@ pytest.register_assert_rewrite("sqlalchemy.testing.assertions")
 
 import provision  # noqa: E402,F401  (PostgreSQL provisioning for any driver)
 from sqlalchemy.testing.plugin.pytestplugin import *  # noqa: E402,F401,F403
-
 from twisted.internet import reactor  # noqa: E402
 from twisted.python.failure import Failure  # noqa: E402
 
@@ -107,8 +107,31 @@ class _FiberAsyncUtil:
         self._original.close()
 
 
+#: Twisted log events at level "warn" and above seen during the session
+#: (txfiberdb reports through twisted.logger: connections given back by
+#: the pool at fiber exit, unhandled errors in Deferreds, lost connections).
+_twisted_problems = []
+
+
+def _observe_twisted_log(event):
+    from twisted.logger import LogLevel, formatEvent
+
+    level = event.get("log_level")
+    if "log_failure" in event or (level is not None and level >= LogLevel.warn):
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text += "\n" + failure.getTraceback()
+        _twisted_problems.append(
+            (os.environ.get("PYTEST_CURRENT_TEST", "(outside a test)"), text)
+        )
+
+
 def _install():
     from sqlalchemy.testing import asyncio as sa_testing_asyncio
+    from twisted.logger import globalLogPublisher
+
+    globalLogPublisher.addObserver(_observe_twisted_log)
 
     if not isinstance(sa_testing_asyncio._async_util, _FiberAsyncUtil):
         sa_testing_asyncio._async_util = _FiberAsyncUtil(
@@ -135,3 +158,14 @@ def pytest_report_header(config):
         f"{type(reactor).__module__}.{type(reactor).__name__}; python "
         f"{sys.version.split()[0]}"
     )
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _twisted_problems:
+        return
+    tr = terminalreporter
+    tr.write_sep("=", f"{len(_twisted_problems)} Twisted log warnings/errors")
+    for where, text in _twisted_problems[:20]:
+        tr.write_line(f"[{where}] {text}")
+    if len(_twisted_problems) > 20:
+        tr.write_line(f"... and {len(_twisted_problems) - 20} more")
