@@ -322,3 +322,30 @@ class ORMTests(EngineTestCase):
         for _ in range(3):
             with engine.connect() as conn:
                 self.assertNotIn(conn.execute(text("SELECT pg_backend_pid()")).scalar(), pids)
+
+
+class TwoPhaseTests(EngineTestCase):
+    def setUp(self):
+        # A prepared transaction left by a failed test would hold its locks.
+        for (gid,) in self.admin("SELECT gid FROM pg_prepared_xacts"):
+            self.admin(f"ROLLBACK PREPARED '{gid}'")
+        super().setUp()
+
+    def test_prepare_and_commit(self):
+        with self.engine.connect() as conn:
+            tx = conn.begin_twophase()
+            conn.execute(Customer.__table__.insert(), {"id": 7, "name": "two-phase"})
+            tx.prepare()
+            prepared = self.admin("SELECT gid FROM pg_prepared_xacts")
+            self.assertEqual([g for (g,) in prepared], [tx.xid])
+            tx.commit()
+        self.assertEqual(self.admin("SELECT name FROM customer WHERE id = 7"), [("two-phase",)])
+        self.assertEqual(self.admin("SELECT count(*) FROM pg_prepared_xacts"), [(0,)])
+
+    def test_prepare_and_rollback(self):
+        with self.engine.connect() as conn:
+            tx = conn.begin_twophase()
+            conn.execute(Customer.__table__.insert(), {"id": 8, "name": "undone"})
+            tx.prepare()
+            tx.rollback()
+        self.assertEqual(self.admin("SELECT count(*) FROM customer WHERE id = 8"), [(0,)])

@@ -165,12 +165,42 @@ class TxPostgresDialect(PGDialect_psycopg2):
                 dbapi_connection.autocommit = before
         return True
 
-    # Two-phase commit in SQL, as the base PostgreSQL dialect does.
+    # Two-phase commit in SQL, as the base PostgreSQL dialect does; COMMIT
+    # PREPARED and ROLLBACK PREPARED must run outside a transaction block,
+    # and the driver (which follows the server's transaction status) would
+    # otherwise open one for them.
     do_begin_twophase = PGDialect.do_begin_twophase
     do_prepare_twophase = PGDialect.do_prepare_twophase
-    do_rollback_twophase = PGDialect.do_rollback_twophase
-    do_commit_twophase = PGDialect.do_commit_twophase
     do_recover_twophase = PGDialect.do_recover_twophase
+
+    def do_commit_twophase(
+        self, connection: Any, xid: Any, is_prepared: bool = True, recover: bool = False
+    ) -> None:
+        if is_prepared:
+            self._finish_prepared(connection, "COMMIT PREPARED", xid)
+        else:
+            self.do_commit(connection.connection)
+
+    def do_rollback_twophase(
+        self, connection: Any, xid: Any, is_prepared: bool = True, recover: bool = False
+    ) -> None:
+        if is_prepared:
+            self._finish_prepared(connection, "ROLLBACK PREPARED", xid)
+        else:
+            self.do_rollback(connection.connection)
+
+    def _finish_prepared(self, connection: Any, command: str, xid: Any) -> None:
+        dbapi_conn = connection.connection.dbapi_connection
+        if dbapi_conn.in_transaction:
+            dbapi_conn.rollback()
+        before = dbapi_conn.autocommit
+        dbapi_conn.autocommit = True
+        try:
+            cursor = dbapi_conn.cursor()
+            cursor.execute(f"{command} %s", (xid,))
+            cursor.close()
+        finally:
+            dbapi_conn.autocommit = before
 
     @property
     def _is_disconnect_messages(self) -> tuple[str, ...]:  # type: ignore[override]

@@ -17,13 +17,16 @@ Helpers for testing code that uses txfiberdb.
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from txfiberdb.fiber import fibered
+from txfiberdb.fiber import run_in_fiber
 from txfiberdb.testing._postgres import (
     PostgresUnavailable,
     TemporaryPostgres,
@@ -132,10 +135,45 @@ class FiberTestCase(TestCase):
         # cleanup: ``_run(func, description, result)`` (Twisted >= 23.8) or
         # ``_run(methodName, result)`` (older).
         if callable(args[0]):
-            return super()._run(fibered(args[0]), *args[1:])  # type: ignore[misc]
+            return super()._run(_in_fiber(args[0]), *args[1:])  # type: ignore[misc]
         name = args[0]
-        setattr(self, name, fibered(getattr(self, name)))
+        setattr(self, name, _in_fiber(getattr(self, name)))
         try:
             return super()._run(*args)  # type: ignore[misc]
         finally:
             delattr(self, name)
+
+
+def _in_fiber(f: Callable[[], Any]) -> Callable[[], Any]:
+    """
+    ``f`` run in a fiber, as a Deferred that trial may time out: trial's
+    timeout errbacks the Deferred instead of cancelling it, so the fiber is
+    cancelled here when that happens.
+    """
+
+    @functools.wraps(f)
+    def start() -> Any:
+        running = run_in_fiber(f)
+        if running.called:
+            return running
+        outer: Deferred[Any] = Deferred(lambda _: running.cancel())
+
+        def stop_fiber(failure: Failure) -> Failure:
+            if not running.called:
+                running.cancel()
+            return failure
+
+        outer.addErrback(stop_fiber)
+
+        def relay(result: Any) -> None:
+            if outer.called:
+                return  # timed out: the fiber's CancelledError is expected
+            if isinstance(result, Failure):
+                outer.errback(result)
+            else:
+                outer.callback(result)
+
+        running.addBoth(relay)
+        return outer
+
+    return start
