@@ -20,7 +20,8 @@ from __future__ import annotations
 import functools
 import os
 import uuid
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
