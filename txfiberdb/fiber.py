@@ -148,6 +148,9 @@ def _runs_reactor() -> bool:
     return False
 
 
+_NOTHING: Any = object()
+
+
 class _Fiber(greenlet.greenlet):
     """A greenlet that waits through the bridge."""
 
@@ -158,6 +161,7 @@ class _Fiber(greenlet.greenlet):
         "shield_depth",
         "exit_callbacks",
         "name",
+        "early",
     )
 
     def __init__(
@@ -174,6 +178,19 @@ class _Fiber(greenlet.greenlet):
         self.shield_depth = 0
         self.exit_callbacks: list[Callable[[], Any]] = []
         self.name = name
+        self.early: Any = _NOTHING
+
+    def got(self, result: Any, d: Deferred[Any]) -> None:
+        """The callback of the Deferred this fiber waits on."""
+        if self.waiting_on is d:
+            self.waiting_on = None
+            _hub.parked -= 1
+            if _getcurrent() is self.parent:
+                _resume(self, result)
+            else:  # fired in another fiber: resume from the hub only
+                _reactor().callLater(0, _resume, self, result)
+        else:  # fired before the fiber parked on it
+            self.early = result
 
     def __repr__(self) -> str:
         state = "dead" if self.dead else ("parked" if self.waiting_on else "ready")
@@ -372,42 +389,32 @@ def await_deferred(d: Deferred[_T], timeout: Optional[float] = None) -> _T:
             "a fiber with txfiberdb.run_in_fiber(f) or @txfiberdb.fibered, or "
             "use the Deferred's callbacks."
         )
-    box: list[Any] = []
-    hub = fib.parent
-
-    def got(result: Any) -> None:
-        if fib.waiting_on is d:
-            fib.waiting_on = None
-            _hub.parked -= 1
-            if _getcurrent() is hub:
-                _resume(fib, result)
-            else:  # fired in another fiber: resume from the hub only
-                _reactor().callLater(0, _resume, fib, result)
-        else:
-            box.append(result)
-
-    d.addBoth(got)
-    if box:
-        result = box[0]
+    d.addBoth(fib.got, d)
+    result = fib.early
+    if result is not _NOTHING:
+        fib.early = _NOTHING
+    elif fib.cancel_pending and not fib.shield_depth:
+        fib.cancel_pending = False
+        d.cancel()
+        result = fib.early
+        fib.early = _NOTHING
+        if result is _NOTHING:  # a Deferred that ignores cancellation
+            result = Failure(CancelledError())
     else:
-        if fib.cancel_pending and not fib.shield_depth:
-            fib.cancel_pending = False
-            d.cancel()
-            result = box[0] if box else Failure(CancelledError())
+        fib.waiting_on = d
+        _hub.parked += 1
+        if timeout is None:
+            result = fib.parent.switch()
         else:
-            timer = None
             timed_out = []
-            if timeout is not None:
 
-                def expire() -> None:
-                    timed_out.append(True)
-                    d.cancel()
+            def expire() -> None:
+                timed_out.append(True)
+                d.cancel()
 
-                timer = _reactor().callLater(timeout, expire)
-            fib.waiting_on = d
-            _hub.parked += 1
-            result = hub.switch()
-            if timer is not None and timer.active():
+            timer = _reactor().callLater(timeout, expire)
+            result = fib.parent.switch()
+            if timer.active():
                 timer.cancel()
             if (
                 timed_out
