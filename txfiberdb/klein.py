@@ -4,26 +4,41 @@ Klein glue: run a route in a fiber, with a Session per request.
 
 >>> app = Klein()                                          # doctest: +SKIP
 >>> db = EngineService("postgresql+txpostgres://...")      # doctest: +SKIP
->>> routes = FiberRoutes(db)                               # doctest: +SKIP
->>> @app.route("/products/<int:product_id>")               # doctest: +SKIP
-... @routes.handler()
+>>> routes = FiberRoutes(db, app)                          # doctest: +SKIP
+>>> @routes.route("/products/<int:product_id>", methods=["GET"])  # doctest: +SKIP
 ... def get_product(request, session, product_id):
 ...     product = session.get(Product, product_id)
 ...     if product is None:
 ...         raise NotFound(f"no product {product_id}")
 ...     return {"id": product.id, "name": product.name}
 
-The handler is ordinary synchronous SQLAlchemy code.  Its Session commits
-when it returns and rolls back when it raises.  A dict or list is sent as
-JSON; ``bytes``/``str`` as they are.  Errors become HTTP answers that leak
-nothing: :class:`HTTPError` and its subclasses (and werkzeug's HTTP
-exceptions) their own code and message; an exhausted pool 503 with
-``Retry-After``; a conflict with existing data (IntegrityError) 409; invalid
-data (DataError) 400; anything else 500 with an id that is also in the log,
-with the traceback.  When the client goes away, Klein cancels the route's
-Deferred: the fiber gets ``CancelledError`` where it waits, its query is
-cancelled on the server and its connection goes back to the pool; a handler
-declared with ``shield=True`` finishes its work instead.
+(``@app.route(...)`` over ``@routes.handler()`` does the same.)
+
+The handler is ordinary synchronous SQLAlchemy code, run in a fiber of the
+:class:`~txfiberdb.service.EngineService` (so shutdown waits for it).  Its
+Session commits when it returns and rolls back when it raises.  A dict or
+list is sent as JSON; ``bytes``/``str`` as they are; ``None`` as an empty
+body (set the code with ``request.setResponseCode``: 201, 204...).
+
+Errors become JSON answers (``{"error": message}``) that leak nothing:
+
+- :class:`HTTPError` and its subclasses: their own code and message (and
+  ``details``, when given);
+- werkzeug's HTTP exceptions: their code and description;
+- an exhausted pool (SQLAlchemy's ``TimeoutError``), the service shutting
+  down, a database that cannot be reached or gave up (``OperationalError``:
+  lost connection, statement timeout, deadlock): 503 with ``Retry-After``;
+- ``NoResultFound`` (``Result.scalar_one()`` and friends): 404;
+- a conflict with existing data (``IntegrityError``): 409;
+- data the database refused (``DataError``: out of range, bad format): 400;
+- anything else: 500 with an error id, which is also in the log with the
+  traceback.  (``OperationalError`` is logged with an id too.)
+
+When the client goes away, Klein cancels the route's Deferred: the fiber gets
+``CancelledError`` where it waits, its running query is cancelled on the
+server, its transaction rolled back and its connection returned to the pool.
+A handler declared with ``shield=True`` finishes its work instead (for writes
+that must not be cut in half); commit and rollback are always shielded.
 """
 
 from __future__ import annotations
@@ -34,8 +49,9 @@ import functools
 import json
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from sqlalchemy import exc as sa_exc
 from twisted.internet.defer import CancelledError, Deferred, fail
@@ -58,17 +74,32 @@ __all__ = [
 
 _log = Logger(namespace="txfiberdb.klein")
 
+#: The largest request body :func:`read_json` accepts by default (bytes).
+DEFAULT_MAX_BODY = 64 * 1024
+
 
 class HTTPError(Exception):
-    """An error with an HTTP status; its message is shown to the client."""
+    """
+    An error with an HTTP status; its message (and ``details``, any JSON
+    value) are shown to the client as ``{"error": message, "details": ...}``.
+    """
 
     code = 500
 
-    def __init__(self, message: str, code: Optional[int] = None) -> None:
+    def __init__(
+        self, message: str, code: Optional[int] = None, details: Any = None
+    ) -> None:
         super().__init__(message)
         self.message = message
+        self.details = details
         if code is not None:
             self.code = code
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": self.message}
+        if self.details is not None:
+            body["details"] = self.details
+        return body
 
 
 class BadRequest(HTTPError):
@@ -87,19 +118,46 @@ class PayloadTooLarge(HTTPError):
     code = 413
 
 
-def read_json(request: Any, max_bytes: int = 64 * 1024) -> Any:
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_json(request: Any, max_bytes: int = DEFAULT_MAX_BODY) -> Any:
     """
     The request body parsed as JSON.
 
-    :raise PayloadTooLarge: the body is over ``max_bytes``.
-    :raise BadRequest: it is not JSON (or not UTF-8).
+    :raise PayloadTooLarge: the body (or its announced ``Content-Length``) is
+        over ``max_bytes``.
+    :raise BadRequest: it is empty, not UTF-8, or not JSON.
     """
-    body = request.content.read(max_bytes + 1)
+    length = request.getHeader(b"content-length")
+    if length is not None:
+        try:
+            announced = int(length)
+        except ValueError:
+            raise BadRequest("invalid Content-Length header") from None
+        if announced > max_bytes:
+            raise PayloadTooLarge(
+                f"request body of {announced} bytes is over the limit of "
+                f"{max_bytes} bytes"
+            )
+    content = request.content
+    if content is None:
+        body = b""
+    else:
+        content.seek(0)
+        body = content.read(max_bytes + 1)
     if len(body) > max_bytes:
-        raise PayloadTooLarge(f"request body over {max_bytes} bytes")
+        raise PayloadTooLarge(f"request body is over the limit of {max_bytes} bytes")
+    if not body.strip():
+        raise BadRequest("empty request body: a JSON document is expected")
     try:
-        return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        return json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise BadRequest("request body is not UTF-8") from None
+    except RecursionError:
+        raise BadRequest("malformed JSON body: nested too deeply") from None
+    except ValueError as e:
         raise BadRequest(f"malformed JSON body: {e}") from None
 
 
@@ -124,20 +182,50 @@ class FiberRoutes:
     """
     Runs Klein route handlers in fibers of an :class:`EngineService`.
 
+    :param service: the EngineService whose fibers and Sessions serve.
+    :param app: the Klein app that :meth:`route` adds routes to (optional
+        when only :meth:`handler` is used).
     :param retry_after: seconds sent in ``Retry-After`` with a 503.
     :param on_response: called as ``on_response(name, status, seconds)``
-        after each request (for metrics).
+        after each request (for metrics); ``status`` is 499 when the client
+        went away first.
     """
 
     def __init__(
         self,
         service: EngineService,
+        app: Any = None,
         retry_after: int = 1,
         on_response: Optional[Callable[[str, int, float], None]] = None,
     ) -> None:
         self.service = service
+        self.app = app
         self.retry_after = retry_after
         self.on_response = on_response
+
+    def route(
+        self,
+        url: str,
+        *args: Any,
+        session: bool = True,
+        shield: bool = False,
+        **kwargs: Any,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """
+        ``@app.route(url, *args, **kwargs)`` and :meth:`handler` in one
+        decorator.
+        """
+        if self.app is None:
+            raise TypeError(
+                "FiberRoutes.route() needs the Klein app: FiberRoutes(service, app)"
+            )
+
+        def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+            wrapped = self.handler(session=session, shield=shield)(f)
+            self.app.route(url, *args, **kwargs)(wrapped)
+            return wrapped
+
+        return decorate
 
     def handler(
         self, session: bool = True, shield: bool = False
@@ -146,7 +234,8 @@ class FiberRoutes:
         Decorate a Klein route handler (under ``@app.route``) to run in a
         fiber.  With ``session``, a Session is passed right after the request
         and committed when the handler returns.  With ``shield``, the
-        handler's work is finished even if the client goes away.
+        handler's work is finished even if the client goes away (its answer
+        is then dropped).
         """
 
         def decorate(f: Callable[..., Any]) -> Callable[..., Deferred[Any]]:
@@ -158,17 +247,24 @@ class FiberRoutes:
                 if session:
                     args = args[: index + 1] + (None,) + args[index + 1 :]
                 started = time.monotonic()
+                gone: list[bool] = []
+                request.notifyFinish().addBoth(lambda _: gone.append(True))
                 try:
                     d = self.service.run(
-                        self._call, f, index + 1 if session else None, shield, args, kwargs
+                        self._call,
+                        f,
+                        index + 1 if session else None,
+                        shield,
+                        args,
+                        kwargs,
                     )
                 except ServiceStopping as e:
                     d = fail(e)
                 d.addCallbacks(
                     self._respond,
                     self._fail,
-                    callbackArgs=(request, name, started),
-                    errbackArgs=(request, name, started),
+                    callbackArgs=(request, name, started, gone),
+                    errbackArgs=(request, name, started, gone),
                 )
                 return d
 
@@ -203,47 +299,82 @@ class FiberRoutes:
                 with shield_block():
                     session.close()
 
-    def _finish(self, request: Any, name: str, started: float, code: int, body: Any) -> bytes:
-        if isinstance(body, (dict, list)):
-            request.setHeader(b"content-type", b"application/json")
-            body = json.dumps(body, default=_json_default).encode("utf-8")
-        elif isinstance(body, str):
-            body = body.encode("utf-8")
+    def _observe(self, name: str, code: int, started: float) -> None:
         if self.on_response is not None:
-            self.on_response(name, code, time.monotonic() - started)
-        return body  # type: ignore[no-any-return]
+            try:
+                self.on_response(name, code, time.monotonic() - started)
+            except Exception:
+                _log.failure("on_response hook failed")
 
-    def _respond(self, result: Any, request: Any, name: str, started: float) -> Any:
-        if isinstance(result, (dict, list, str)):
-            return self._finish(request, name, started, request.code, result)
-        if self.on_response is not None:
-            self.on_response(name, request.code, time.monotonic() - started)
+    def _respond(
+        self, result: Any, request: Any, name: str, started: float, gone: list[bool]
+    ) -> Any:
+        if gone:
+            # A shielded handler finished after its client went away.
+            self._observe(name, 499, started)
+            return None
+        try:
+            if isinstance(result, (dict, list)):
+                request.setHeader(b"content-type", b"application/json")
+                result = json.dumps(result, default=_json_default).encode("utf-8")
+            elif isinstance(result, str):
+                result = result.encode("utf-8")
+            elif result is None:
+                result = b""
+        except Exception:
+            return self._fail(Failure(), request, name, started, gone)
+        self._observe(name, request.code, started)
         return result
 
-    def _fail(self, failure: Failure, request: Any, name: str, started: float) -> Any:
-        if failure.check(CancelledError):
-            # The client went away (or shutdown cancelled us): nobody to
-            # answer; the fiber has cleaned up its query and connection.
-            if self.on_response is not None:
-                self.on_response(name, 499, time.monotonic() - started)
+    def _fail(
+        self,
+        failure: Failure,
+        request: Any,
+        name: str,
+        started: float,
+        gone: list[bool],
+    ) -> Any:
+        if gone:
+            # The client went away: nobody to answer.  The fiber has cleaned
+            # up (or, shielded, finishes) its query and connection.
+            self._observe(name, 499, started)
+            if not failure.check(CancelledError):
+                self._map_error(failure, request, name)  # logs what must be
             return None
+        if failure.check(CancelledError):
+            # Cancelled with the client still there: the service is
+            # shutting down and its grace period is over.
+            failure = Failure(
+                ServiceStopping("cancelled: the service is shutting down")
+            )
         code, body = self._map_error(failure, request, name)
         request.setResponseCode(code)
-        return self._finish(request, name, started, code, body)
+        request.setHeader(b"content-type", b"application/json")
+        self._observe(name, code, started)
+        return json.dumps(body).encode("utf-8")
+
+    def _busy(self, request: Any, message: str) -> tuple[int, Any]:
+        request.setHeader(b"retry-after", str(self.retry_after).encode())
+        return 503, {"error": message}
 
     def _map_error(self, failure: Failure, request: Any, name: str) -> tuple[int, Any]:
         error = failure.value
         if isinstance(error, HTTPError):
-            return error.code, {"error": error.message}
+            return error.code, error.to_json()
         try:
             from werkzeug.exceptions import HTTPException
         except ImportError:  # pragma: no cover
             HTTPException = ()  # type: ignore[assignment,misc]
         if isinstance(error, HTTPException):  # type: ignore[arg-type]
             return error.code or 500, {"error": error.description}  # type: ignore[attr-defined]
-        if isinstance(error, (sa_exc.TimeoutError, ServiceStopping)):
-            request.setHeader(b"retry-after", str(self.retry_after).encode())
-            return 503, {"error": "service busy, try again later"}
+        if isinstance(error, sa_exc.TimeoutError):
+            return self._busy(
+                request, "service busy (no database connection free), try again later"
+            )
+        if isinstance(error, ServiceStopping):
+            return self._busy(request, "service shutting down, try again later")
+        if isinstance(error, sa_exc.NoResultFound):
+            return 404, {"error": "not found"}
         if isinstance(error, sa_exc.IntegrityError):
             return 409, {"error": "conflicts with existing data"}
         if isinstance(error, sa_exc.DataError):
@@ -257,4 +388,8 @@ class FiberRoutes:
             method=request.method.decode("ascii", "replace"),
             uri=request.uri.decode("ascii", "replace"),
         )
+        if isinstance(error, sa_exc.OperationalError):
+            code, body = self._busy(request, "database unavailable, try again later")
+            body["error_id"] = error_id
+            return code, body
         return 500, {"error": "internal server error", "error_id": error_id}
