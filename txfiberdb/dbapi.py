@@ -84,11 +84,12 @@ from txpostgres import txpostgres
 
 from txfiberdb.fiber import (
     NotInFiberError,
-    WaitTimeout,
     await_deferred,
     current_fiber,
     in_fiber,
+    park,
     shield,
+    unpark,
 )
 
 __all__ = [
@@ -143,10 +144,23 @@ _COPY_REFUSED = (
 )
 
 
+# Statements already checked and found free of COPY (SQLAlchemy sends the
+# same few strings again and again).
+_NO_COPY: dict[Any, None] = {}
+
+
+class _CancelUnconfirmed(Exception):
+    """The server did not answer a cancel within CANCEL_GRACE."""
+
+
 def _refuse_copy(sql: Any) -> None:
+    if sql in _NO_COPY:
+        return
     text = sql.decode("latin-1") if isinstance(sql, bytes) else str(sql)
     if "copy" in text.lower() and _COPY.search(text):
         raise NotSupportedError(_COPY_REFUSED)
+    if len(_NO_COPY) < 4096:
+        _NO_COPY[sql] = None
 
 
 class _Wire(txpostgres.Connection):
@@ -159,7 +173,9 @@ class _Wire(txpostgres.Connection):
 
     def __init__(self, reactor: Any) -> None:
         super().__init__(reactor=reactor)
-        self.waiter: Optional[Deferred[None]] = None
+        self.busy = False  # a query is in progress
+        self.fiber: Any = None  # the fiber parked on it
+        self.outcome: Any = None  # its outcome, when nobody was parked
         self.lost: Optional[str] = None
         self._fd = -1
 
@@ -185,21 +201,27 @@ class _Wire(txpostgres.Connection):
             super().close()  # still connecting: txpostgres's own
             return
         self._forget()
-        if self.waiter is not None:
+        if self.busy:
             self._finish(Failure(InterfaceError("the connection was closed")))
 
-    def start(self) -> Deferred[None]:
-        """Drive the query just sent; the Deferred fires when it completes."""
-        d: Deferred[None] = Deferred()
-        self.waiter = d
+    def begin(self) -> bool:
+        """Drive the query just sent; whether it is still in progress."""
+        self.busy = True
+        self.outcome = None
         self._advance()
-        return d
+        return self.busy
 
-    def rewait(self) -> Deferred[None]:
-        """A new Deferred for the query still running (after an interrupt)."""
-        d: Deferred[None] = Deferred()
-        self.waiter = d
-        return d
+    def cancel(self) -> None:
+        """The parked fiber is cancelled: wake it (the query goes on)."""
+        fib, self.fiber = self.fiber, None
+        if fib is not None:
+            unpark(fib, Failure(CancelledError()))
+
+    def give_up(self) -> None:
+        """The server did not confirm a cancel in time: wake the fiber."""
+        fib, self.fiber = self.fiber, None
+        if fib is not None:
+            unpark(fib, Failure(_CancelUnconfirmed()))
 
     def _advance(self) -> None:
         try:
@@ -217,21 +239,20 @@ class _Wire(txpostgres.Connection):
             )
 
     def _finish(self, result: Any) -> None:
-        d, self.waiter = self.waiter, None
+        self.busy = False
         if self._connection.closed and self._fd >= 0:
             self._forget()
-        if d is None:
-            return
-        if isinstance(result, Failure):
-            d.errback(result)
+        fib, self.fiber = self.fiber, None
+        if fib is not None:
+            unpark(fib, result)
         else:
-            d.callback(result)
+            self.outcome = result
 
     def doRead(self) -> None:
         if self._pollingD is not None:  # connecting: txpostgres's own cycle
             super().doRead()
             return
-        if self.waiter is not None:
+        if self.busy:
             self._advance()
         elif not self._connection.closed:
             # Idle: a NOTIFY, a notice, or the server ending the connection.
@@ -253,7 +274,7 @@ class _Wire(txpostgres.Connection):
             super().doWrite()
             return
         self.reactor.removeWriter(self)
-        if self.waiter is not None:
+        if self.busy:
             self._advance()
 
     def connectionLost(self, reason: Any) -> None:
@@ -261,7 +282,7 @@ class _Wire(txpostgres.Connection):
             super().connectionLost(reason)
             return
         self._forget()
-        if self.waiter is not None:
+        if self.busy:
             self._finish(
                 Failure(OperationalError("the connection to the server was lost"))
             )
@@ -377,6 +398,7 @@ class Connection:
         self._begin = "BEGIN"
         self._user: Any = None
         self._cursor_factory: Optional[Callable[..., Any]] = None
+        self._ctl: Any = None
 
     # -- state -------------------------------------------------------------
 
@@ -567,37 +589,50 @@ class Connection:
             )
         self._check_open()
         self._user = fib
+        wire = self._wire
         try:
             start()
-            d = self._wire.start()
-            try:
-                await_deferred(d)
-            except BaseException:
-                if self._wire.waiter is not None:
-                    self._interrupted()
-                raise
+            if wire.begin():
+                wire.fiber = fib
+                try:
+                    park(wire)
+                except BaseException:
+                    if wire.busy:
+                        self._interrupted(fib)
+                    raise
+            else:  # answered at once
+                outcome, wire.outcome = wire.outcome, None
+                if isinstance(outcome, Failure):
+                    outcome.raiseException()
         finally:
             self._user = None
 
-    def _interrupted(self) -> None:
-        """The fiber stopped waiting (cancel, timeout) mid-query."""
+    def _interrupted(self, fib: Any) -> None:
+        """The fiber stopped waiting (cancelled) mid-query: cancel it."""
+        wire = self._wire
         with shield():
             try:
                 self._raw.cancel()
             except psycopg2.Error:
                 pass
-            d = self._wire.rewait()
-            try:
-                await_deferred(d, timeout=CANCEL_GRACE)
-            except psycopg2.Error:
-                pass  # QueryCanceledError, expected
-            except WaitTimeout:
-                _log.warn(
-                    "PostgreSQL did not confirm a cancel within {grace} s: "
-                    "closing the connection",
-                    grace=CANCEL_GRACE,
-                )
-                self._wire.close()
+            if wire.busy:
+                timer = wire.reactor.callLater(CANCEL_GRACE, wire.give_up)
+                wire.fiber = fib
+                try:
+                    park(wire)
+                except psycopg2.Error:
+                    pass  # QueryCanceledError, expected
+                except _CancelUnconfirmed:
+                    _log.warn(
+                        "PostgreSQL did not confirm a cancel within {grace} s: "
+                        "closing the connection",
+                        grace=CANCEL_GRACE,
+                    )
+                    wire.close()
+                finally:
+                    if timer.active():
+                        timer.cancel()
+            wire.outcome = None
 
     def _begin_prefix(self) -> str:
         if self._autocommit or self.in_transaction:
@@ -626,15 +661,21 @@ class Connection:
         """Commit the open transaction (no-op when none is open)."""
         self._check_open()
         if self.in_transaction:
-            raw = self._raw.cursor()
+            raw = self._control_cursor()
             self._run(lambda: raw.execute("COMMIT"))
 
     def rollback(self) -> None:
         """Roll back the open transaction (no-op when none is open)."""
         self._check_open()
         if self.in_transaction:
-            raw = self._raw.cursor()
+            raw = self._control_cursor()
             self._run(lambda: raw.execute("ROLLBACK"))
+
+    def _control_cursor(self) -> Any:
+        """A raw cursor kept for COMMIT and ROLLBACK."""
+        if self._ctl is None:
+            self._ctl = self._raw.cursor()
+        return self._ctl
 
     def close(self) -> None:
         """Close the connection (the server rolls back an open transaction)."""

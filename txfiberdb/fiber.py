@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, Protocol, TypeVar
 
 import greenlet
 from twisted.internet.defer import CancelledError, Deferred
@@ -50,12 +50,14 @@ __all__ = [
     "fibered",
     "in_fiber",
     "on_fiber_exit",
+    "park",
     "run_in_fiber",
     "set_hub",
     "set_slow_threshold",
     "shield",
     "sleep",
     "stats",
+    "unpark",
 ]
 
 _T = TypeVar("_T")
@@ -151,6 +153,12 @@ def _runs_reactor() -> bool:
 _NOTHING: Any = object()
 
 
+class Waiter(Protocol):
+    """What a parked fiber waits on: anything that can be cancelled."""
+
+    def cancel(self) -> Any: ...
+
+
 class _Fiber(greenlet.greenlet):
     """A greenlet that waits through the bridge."""
 
@@ -173,7 +181,7 @@ class _Fiber(greenlet.greenlet):
     ) -> None:
         super().__init__(run, parent)
         self.deferred = deferred
-        self.waiting_on: Optional[Deferred[Any]] = None
+        self.waiting_on: Optional[Waiter] = None
         self.cancel_pending = False
         self.shield_depth = 0
         self.exit_callbacks: list[Callable[[], Any]] = []
@@ -183,12 +191,7 @@ class _Fiber(greenlet.greenlet):
     def got(self, result: Any, d: Deferred[Any]) -> None:
         """The callback of the Deferred this fiber waits on."""
         if self.waiting_on is d:
-            self.waiting_on = None
-            _hub.parked -= 1
-            if _getcurrent() is self.parent:
-                _resume(self, result)
-            else:  # fired in another fiber: resume from the hub only
-                _reactor().callLater(0, _resume, self, result)
+            unpark(self, result)
         else:  # fired before the fiber parked on it
             self.early = result
 
@@ -247,6 +250,60 @@ def _deliver(fib: _Fiber, outcome: Any) -> None:
         d.errback(outcome)
     else:
         d.callback(outcome)
+
+
+def park(waiter: Waiter) -> Any:
+    """
+    Low level: park the current fiber until :func:`unpark` resumes it; return
+    the value given there, or raise it if it is a Failure.  Cancelling the
+    fiber calls ``waiter.cancel()``, which must lead to an :func:`unpark`
+    (with a ``CancelledError`` failure, or the outcome).  For drivers that
+    wait on their own events without a Deferred per wait; everybody else
+    uses :func:`await_deferred`.
+    """
+    fib = _getcurrent()
+    if not isinstance(fib, _Fiber):
+        raise NotInFiberError(
+            f"park() called outside a fiber (here: {fib!r}); waiting on the "
+            "reactor's greenlet would freeze the reactor. Run this code in a "
+            "fiber with txfiberdb.run_in_fiber(f) or @txfiberdb.fibered."
+        )
+    if fib.cancel_pending and not fib.shield_depth:
+        fib.cancel_pending = False
+        waiter.cancel()
+        raise CancelledError()
+    fib.waiting_on = waiter
+    _hub.parked += 1
+    result = fib.parent.switch()
+    if isinstance(result, Failure):
+        _raise(result)
+    return result
+
+
+def unpark(fib: greenlet.greenlet, value: Any) -> None:
+    """
+    Resume a fiber parked by :func:`park` (or :func:`await_deferred`) with
+    ``value``: at once when called on the hub, on the next reactor turn
+    otherwise (fibers are resumed from the hub only).  No-op for a fiber
+    that is not parked.
+    """
+    assert isinstance(fib, _Fiber)
+    if fib.waiting_on is None:
+        return
+    fib.waiting_on = None
+    _hub.parked -= 1
+    if _getcurrent() is fib.parent:
+        _resume(fib, value)
+    else:
+        _reactor().callLater(0, _resume, fib, value)
+
+
+def _raise(failure: Failure) -> None:
+    exc = failure.value
+    assert exc is not None
+    if exc.__traceback__ is None and failure.tb is not None:
+        exc = exc.with_traceback(failure.tb)
+    raise exc
 
 
 def run_in_fiber(f: Callable[..., _T], *args: Any, **kwargs: Any) -> Deferred[_T]:
@@ -425,11 +482,7 @@ def await_deferred(d: Deferred[_T], timeout: Optional[float] = None) -> _T:
                     f"gave up waiting for {d!r} after {timeout} s"
                 ) from result.value
     if isinstance(result, Failure):
-        exc = result.value
-        assert exc is not None
-        if exc.__traceback__ is None and result.tb is not None:
-            exc = exc.with_traceback(result.tb)
-        raise exc
+        _raise(result)
     return result  # type: ignore[no-any-return]
 
 
