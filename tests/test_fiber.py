@@ -380,6 +380,44 @@ class ScaleAndStatsTests(TestCase):
 
         return run_in_fiber(body).addCallbacks(lambda _: self.fail(), check)
 
+    def test_late_exit_callbacks_run_after_the_others(self):
+        events = []
+
+        def body():
+            on_fiber_exit(lambda: events.append("late 1"), late=True)
+            on_fiber_exit(lambda: events.append("normal 1"))
+            on_fiber_exit(lambda: events.append("late 2"), late=True)
+            on_fiber_exit(lambda: events.append("normal 2"))
+
+        self.successResultOf(run_in_fiber(body))
+        self.assertEqual(events, ["normal 2", "normal 1", "late 2", "late 1"])
+
+    def test_cancel_during_exit_callbacks(self):
+        """
+        A cancel that lands while exit callbacks wait does not interrupt
+        them, and nothing is logged as a failure.
+        """
+        events = []
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        gate = Deferred()
+        live = fiber.stats()["live"]
+
+        def body():
+            on_fiber_exit(lambda: events.append("second"))
+            on_fiber_exit(lambda: events.append(await_deferred(gate)))
+
+        d = run_in_fiber(body)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        gate.callback("first")
+        self.assertEqual(events, ["first", "second"])
+        self.assertEqual(
+            [e for e in logged if e.get("log_failure") is not None], []
+        )
+        self.assertEqual(fiber.stats()["live"], live)
+
     def test_slow_fiber_warning(self):
         events = []
         globalLogPublisher.addObserver(events.append)

@@ -168,6 +168,7 @@ class _Fiber(greenlet.greenlet):
         "cancel_pending",
         "shield_depth",
         "exit_callbacks",
+        "late_exit_callbacks",
         "name",
         "early",
     )
@@ -185,6 +186,7 @@ class _Fiber(greenlet.greenlet):
         self.cancel_pending = False
         self.shield_depth = 0
         self.exit_callbacks: list[Callable[[], Any]] = []
+        self.late_exit_callbacks: list[Callable[[], Any]] = []
         self.name = name
         self.early: Any = _NOTHING
 
@@ -397,12 +399,18 @@ def shield() -> Iterator[None]:
         raise CancelledError("cancelled while shielded")
 
 
-def on_fiber_exit(callback: Callable[[], Any]) -> None:
+def on_fiber_exit(callback: Callable[[], Any], late: bool = False) -> None:
     """
     Call ``callback()`` in the current fiber when its function returns or
     raises, before its Deferred fires (last registered, first called).  The
-    callback may wait.  Errors are logged.  Used by the pool to give back what
-    a fiber forgot to return, with no registration by the application.
+    callback may wait; a cancellation that arrives meanwhile does not
+    interrupt it.  Errors are logged.
+
+    :param late: run after every callback registered without ``late`` (last
+        registered, first called among the late ones).  For what must see the
+        application's own clean-up done first: the pool gives back what a
+        fiber forgot to return once Sessions closed at fiber exit have
+        returned theirs.
     """
     fib = _getcurrent()
     if not isinstance(fib, _Fiber):
@@ -410,22 +418,28 @@ def on_fiber_exit(callback: Callable[[], Any]) -> None:
             "on_fiber_exit() needs a fiber: start the work with "
             "txfiberdb.run_in_fiber() or @txfiberdb.fibered"
         )
-    fib.exit_callbacks.append(callback)
+    (fib.late_exit_callbacks if late else fib.exit_callbacks).append(callback)
 
 
 def _run_exit_callbacks(fib: _Fiber) -> None:
-    callbacks = fib.exit_callbacks
-    while callbacks:
-        callback = callbacks.pop()
-        try:
-            with shield():
-                callback()
-        except BaseException:
-            _log.failure(
-                "exit callback {callback!r} of fiber {fiber} failed",
-                callback=callback,
-                fiber=fib.name,
-            )
+    # Shielded as a whole: a cancellation that arrives now is moot (the
+    # fiber's function is over) and must not cut a clean-up short.
+    fib.shield_depth += 1
+    try:
+        for callbacks in (fib.exit_callbacks, fib.late_exit_callbacks):
+            while callbacks:
+                callback = callbacks.pop()
+                try:
+                    callback()
+                except BaseException:
+                    _log.failure(
+                        "exit callback {callback!r} of fiber {fiber} failed",
+                        callback=callback,
+                        fiber=fib.name,
+                    )
+    finally:
+        fib.shield_depth -= 1
+        fib.cancel_pending = False
 
 
 def await_deferred(d: Deferred[_T], timeout: Optional[float] = None) -> _T:
