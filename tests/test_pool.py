@@ -201,7 +201,7 @@ class PoolTests(DatabaseTestCase):
         with engine.connect() as conn:
             self.assertNotIn(conn.execute(text("SELECT pg_backend_pid()")).scalar(), pids)
 
-    def test_first_connect_gated(self):
+    def test_first_connect_many_fibers(self):
         """Many fibers connecting first at once: no deadlock on SQLAlchemy's lock."""
         engine = self.make_engine(pool_size=10, max_overflow=0)
 
@@ -211,6 +211,30 @@ class PoolTests(DatabaseTestCase):
 
         results = await_deferred(gatherResults([run_in_fiber(first) for _ in range(10)]))
         self.assertEqual(results, [1] * 10)
+
+    def test_first_connect_with_other_pools_and_after_dispose(self):
+        """
+        SQLAlchemy's once-only connect set-up runs under a mutex that parks
+        fibers, whatever the pool class, and again after dispose() (a
+        threading.Lock there would freeze the reactor for good).
+        """
+        from sqlalchemy.pool import NullPool
+
+        ticker = Ticker(self)
+        for kw in ({"poolclass": NullPool}, {"poolclass": QueuePool, "pool_size": 10}, {}):
+            engine = self.make_engine(**kw)
+
+            def query():
+                with engine.connect() as conn:
+                    return conn.execute(text("SELECT 1")).scalar()
+
+            for _ in range(2):
+                results = await_deferred(
+                    gatherResults([run_in_fiber(query) for _ in range(8)])
+                )
+                self.assertEqual(results, [1] * 8)
+                engine.dispose()
+        self.assertLess(ticker.max_gap, 1.0)
 
     def test_pool_use_lifo_and_recycle(self):
         engine = self.make_engine(pool_size=2, pool_use_lifo=True, pool_recycle=3600)

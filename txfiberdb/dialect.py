@@ -55,13 +55,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.dialects.postgresql.psycopg2 import (
     PGDialect_psycopg2,
     PGExecutionContext_psycopg2,
 )
 
-from txfiberdb.pool import FiberQueuePool
+from txfiberdb.pool import FiberQueuePool, install_fiber_mutexes
 
 __all__ = ["TxPostgresDialect", "dialect"]
 
@@ -98,6 +99,18 @@ class TxPostgresDialect(PGDialect_psycopg2):
     @classmethod
     def get_pool_class(cls, url: Any) -> Any:
         return FiberQueuePool
+
+    @classmethod
+    def engine_created(cls, engine: Any) -> None:
+        # Whatever the pool class, SQLAlchemy's once-only connect set-up must
+        # not run under a threading.Lock (a parked fiber would hold it while
+        # another fiber blocked the reactor's thread on it); dispose() makes
+        # a new pool.
+        install_fiber_mutexes(engine.pool)
+
+        @event.listens_for(engine, "engine_disposed")
+        def _disposed(engine: Any) -> None:
+            install_fiber_mutexes(engine.pool)
 
     def initialize(self, connection: Any) -> None:
         super().initialize(connection)

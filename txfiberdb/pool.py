@@ -12,8 +12,11 @@ must change, as SQLAlchemy's own ``AsyncAdaptedQueuePool`` does for asyncio:
   on a Deferred; connections returned are handed to waiting fibers first come
   first served; ``pool_timeout`` raises SQLAlchemy's ``TimeoutError`` while
   the reactor goes on;
-- the first connection is made by one fiber at a time (SQLAlchemy runs its
-  first-connect set-up under a thread lock, which a parked fiber would hold);
+- SQLAlchemy's once-only connect set-up (the dialect's first-connect
+  queries, ``on_connect``) runs under a mutex that parks fibers instead of a
+  ``threading.Lock``, which a parked fiber would hold while a second one
+  blocked the reactor's thread for good (:func:`install_fiber_mutexes`; the
+  dialect installs it on any pool class);
 - a connection still checked out when its fiber ends (an error, a forgotten
   Session, a cancel) is rolled back and returned when the fiber ends, with a
   warning: no registration by the application, no reliance on the garbage
@@ -32,7 +35,7 @@ from typing import Any, Optional
 
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.util.queue import Empty, Full, QueueCommon
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 
 from txfiberdb.fiber import (
@@ -44,7 +47,7 @@ from txfiberdb.fiber import (
 )
 from txfiberdb.fiber import stats as fiber_stats
 
-__all__ = ["FiberQueue", "FiberQueuePool", "pool_stats"]
+__all__ = ["FiberQueue", "FiberQueuePool", "install_fiber_mutexes", "pool_stats"]
 
 _log = Logger(namespace="txfiberdb.pool")
 
@@ -125,6 +128,46 @@ class FiberQueue(QueueCommon[Any]):
                 pass
 
 
+class _FiberMutex:
+    """
+    A mutex for SQLAlchemy's once-only events: a fiber that finds it taken
+    parks (first come, first served) instead of blocking the thread.  Taken
+    uncontended, it never waits, so the hub may take it too.
+    """
+
+    def __init__(self) -> None:
+        self._lock = DeferredLock()
+
+    def __enter__(self) -> bool:
+        acquired = self._lock.acquire()
+        if not acquired.called and current_fiber() is None:
+            acquired.cancel()
+            raise NotInFiberError(
+                "a txfiberdb engine's connect set-up is running in a fiber "
+                "and this call, outside any fiber, would have to wait for it: "
+                "run this code with txfiberdb.run_in_fiber(f) or "
+                "@txfiberdb.fibered"
+            )
+        await_deferred(acquired)
+        return True
+
+    def __exit__(self, *exc: Any) -> None:
+        self._lock.release()
+
+
+def install_fiber_mutexes(pool: Any) -> None:
+    """
+    Make ``pool``'s once-only ``first_connect`` and ``connect`` event runs
+    wait fiber-style.  :class:`FiberQueuePool` does it for itself; the
+    ``postgresql+txpostgres`` dialect does it for any other pool class
+    (``NullPool``, ``StaticPool``, ...) and again after ``Engine.dispose()``.
+    """
+    for name in ("first_connect", "connect"):
+        listeners = getattr(pool.dispatch, name).for_modify(pool.dispatch)
+        if not isinstance(listeners._exec_once_mutex, _FiberMutex):
+            listeners._exec_once_mutex = _FiberMutex()
+
+
 class FiberQueuePool(QueuePool):
     """
     ``QueuePool`` for fibers; the default pool of ``postgresql+txpostgres``.
@@ -135,9 +178,8 @@ class FiberQueuePool(QueuePool):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._first_connect_done = False
-        self._first_connect_waiters: Optional[list[Deferred[None]]] = None
         self._held: dict[Any, list[Any]] = {}
+        install_fiber_mutexes(self)
 
     def connect(self) -> Any:
         fib = current_fiber()
@@ -152,7 +194,7 @@ class FiberQueuePool(QueuePool):
         held = self._held.get(fib)
         if held is None:
             held = self._held[fib] = []
-            on_fiber_exit(lambda: self._return_leftovers(fib))
+            on_fiber_exit(lambda: self._return_leftovers(fib), late=True)
         else:
             held[:] = [f for f in held if f.dbapi_connection is not None]
         held.append(fairy)
@@ -170,33 +212,6 @@ class FiberQueuePool(QueuePool):
                 fiber=getattr(fib, "name", fib),
             )
             fairy._checkin()
-
-    def _create_connection(self) -> Any:
-        if self._first_connect_done:
-            return super()._create_connection()
-        # SQLAlchemy runs its first-connect set-up under a threading.Lock; a
-        # second fiber reaching that lock while the first one is parked inside
-        # would block the reactor's thread for good.  One at a time, then.
-        while self._first_connect_waiters is not None:
-            d: Deferred[None] = Deferred()
-            self._first_connect_waiters.append(d)
-            await_deferred(d)
-        if self._first_connect_done:
-            return super()._create_connection()
-        self._first_connect_waiters = []
-        try:
-            record = super()._create_connection()
-            self._first_connect_done = True
-            return record
-        finally:
-            waiters, self._first_connect_waiters = self._first_connect_waiters, None
-            for w in waiters:
-                w.callback(None)
-
-    def recreate(self) -> FiberQueuePool:
-        new = super().recreate()
-        new._first_connect_done = self._first_connect_done  # type: ignore[attr-defined]
-        return new  # type: ignore[return-value]
 
     def stats(self) -> dict[str, Any]:
         """The pool's counters (see :func:`pool_stats`)."""
