@@ -30,7 +30,7 @@ from sqlalchemy.orm import (
     relationship,
     sessionmaker,
 )
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, gatherResults
 
 from txfiberdb import (
     NotInFiberError,
@@ -82,6 +82,17 @@ class DialectTests(EngineTestCase):
         self.assertIsInstance(self.engine.dialect, TxPostgresDialect)
         self.assertIsInstance(self.engine.pool, FiberQueuePool)
         self.assertEqual(self.engine.dialect.driver, "txpostgres")
+
+    def test_url_query_options(self):
+        """libpq options in the URL's query string, connect_timeout included."""
+        sep = "&" if "?" in self.url else "?"
+        engine = create_engine(
+            f"{self.url}{sep}connect_timeout=10&application_name=from_url"
+        )
+        self.addCleanup(engine.dispose)
+        with engine.connect() as conn:
+            name = conn.execute(text("SHOW application_name")).scalar()
+        self.assertEqual(name, "from_url")
 
     def test_core_roundtrip_and_types(self):
         meta = MetaData()
@@ -268,6 +279,28 @@ class ORMTests(EngineTestCase):
         # Each fiber's session was removed (and closed) when it ended.
         self.assertEqual(Scoped.registry.registry, {})
         self.assertEqual(self.engine.pool.checkedout(), 0)
+
+    def test_fiber_scoped_session_left_open_warns_nothing(self):
+        """
+        A scoped Session still holding its connection when the fiber ends is
+        closed by fiber_scoped_session before the pool looks for leftovers:
+        the connection goes back without the pool's warning.
+        """
+        from twisted.logger import globalLogPublisher
+
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        Scoped = fiber_scoped_session(sessionmaker(self.engine))
+
+        def reader():
+            return Scoped.execute(text("SELECT count(*) FROM customer")).scalar()
+
+        await_deferred(gatherResults([run_in_fiber(reader) for _ in range(3)]))
+        self.assertEqual(self.engine.pool.checkedout(), 0)
+        self.assertEqual(
+            [e for e in logged if "ended holding" in str(e.get("log_format"))], []
+        )
 
     def test_cancel_mid_query_returns_connection(self):
         def slow():
