@@ -71,11 +71,40 @@ class ModuleTests(DatabaseTestCase):
                 connect_timeout=0.3,
             )
         self.assertIn("timed out", str(ctx.exception))
-        # From the DSN too.
+        # From the DSN too, and as a string (a SQLAlchemy URL's query).
         with self.assertRaises(psycopg2.OperationalError):
             dbapi.connect(
                 f"host=127.0.0.1 port={port.getHost().port} user=x connect_timeout=1"
             )
+        with self.assertRaises(psycopg2.OperationalError):
+            dbapi.connect(
+                host="127.0.0.1", port=port.getHost().port, connect_timeout="0.3"
+            )
+
+    def test_dropped_connection_is_closed(self):
+        """A connection garbage-collected while open does not linger."""
+        import gc
+
+        from twisted.logger import globalLogPublisher
+
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        readers = len(reactor.getReaders())
+        conn = dbapi.connect(self.dsn, application_name="forgotten")
+        conn.cursor().execute("SELECT 1")
+        pid = conn.raw_connection.get_backend_pid()
+        del conn
+        gc.collect()
+        sleep(0.05)
+        self.assertEqual(len(reactor.getReaders()), readers)
+        for _ in range(100):  # the backend exits once it reads the goodbye
+            if not self.admin("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)):
+                break
+            sleep(0.02)
+        else:
+            self.fail("the backend of a dropped connection is still there")
+        self.assertTrue(any("garbage-collected" in str(e.get("log_format")) for e in logged))
 
 
 class CursorTests(DatabaseTestCase):
@@ -135,6 +164,38 @@ class CursorTests(DatabaseTestCase):
         self.assertRaises(psycopg2.NotSupportedError, cur.copy_expert, "COPY x TO STDOUT", None)
         cur.execute("SELECT 'COPY is fine inside a string'")
         self.assertEqual(cur.fetchone(), ("COPY is fine inside a string",))
+
+    def test_copy_in_data_is_not_refused(self):
+        """Only the statement is checked, never the values bound into it."""
+        conn = self.connect()
+        cur = conn.cursor()
+        cur.execute("CREATE TEMP TABLE notes (v text)")
+        texts = ["x;COPY t FROM STDIN", "; copy", "COPY (SELECT 1) TO STDOUT"]
+        cur.executemany("INSERT INTO notes (v) VALUES (%s)", [(t,) for t in texts])
+        cur.executemany("UPDATE notes SET v = v WHERE v = %s", [(t,) for t in texts])
+        cur.execute("SELECT v FROM notes WHERE v = %s", (texts[0],))
+        self.assertEqual(cur.fetchall(), [(texts[0],)])
+        with self.assertRaises(psycopg2.NotSupportedError):
+            cur.executemany("COPY notes FROM STDIN", [()])
+
+    def test_composable_queries(self):
+        """psycopg2.sql objects work as they do with psycopg2."""
+        from psycopg2 import sql
+
+        conn = self.connect()
+        cur = conn.cursor()
+        query = sql.SQL("SELECT {} AS {}").format(sql.Literal("x"), sql.Identifier("a b"))
+        cur.execute(query)
+        self.assertEqual((cur.fetchone(), cur.description[0].name), (("x",), "a b"))
+        cur.execute(sql.SQL("SELECT %s + {}").format(sql.Literal(1)), (41,))
+        self.assertEqual(cur.fetchone(), (42,))
+        self.assertIn(b"'y'", cur.mogrify(sql.SQL("SELECT {}").format(sql.Literal("y"))))
+        named = conn.cursor("named")
+        named.execute(sql.SQL("SELECT generate_series(1, {})").format(sql.Literal(3)))
+        self.assertEqual(named.fetchall(), [(1,), (2,), (3,)])
+        conn.rollback()
+        with self.assertRaises(TypeError):
+            cur.execute(42)
 
     def test_two_fibers_one_connection(self):
         conn = self.connect()

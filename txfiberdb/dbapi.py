@@ -40,12 +40,14 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
 
 import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
+import psycopg2.sql
 from psycopg2 import (  # noqa: F401  (re-exported, PEP 249)
     BINARY,
     DATETIME,
@@ -144,23 +146,30 @@ _COPY_REFUSED = (
 )
 
 
-# Statements already checked and found free of COPY (SQLAlchemy sends the
-# same few strings again and again).
-_NO_COPY: dict[Any, None] = {}
+_COPY_HINT = re.compile("copy", re.IGNORECASE).search
 
 
 class _CancelUnconfirmed(Exception):
     """The server did not answer a cancel within CANCEL_GRACE."""
 
 
+def _sql_text(sql: Any, raw: Any) -> Any:
+    """``sql`` as str or bytes: a ``psycopg2.sql`` Composable is rendered."""
+    if isinstance(sql, (str, bytes)):
+        return sql
+    if isinstance(sql, psycopg2.sql.Composable):
+        return sql.as_string(raw)
+    raise TypeError(
+        f"a query must be str, bytes or psycopg2.sql.Composable, not "
+        f"{type(sql).__name__}"
+    )
+
+
 def _refuse_copy(sql: Any) -> None:
-    if sql in _NO_COPY:
-        return
-    text = sql.decode("latin-1") if isinstance(sql, bytes) else str(sql)
-    if "copy" in text.lower() and _COPY.search(text):
+    """Raise NotSupportedError if the statement (template) holds a COPY."""
+    text = sql.decode("latin-1") if isinstance(sql, bytes) else sql
+    if _COPY_HINT(text) and _COPY.search(text):
         raise NotSupportedError(_COPY_REFUSED)
-    if len(_NO_COPY) < 4096:
-        _NO_COPY[sql] = None
 
 
 class _Wire(txpostgres.Connection):
@@ -327,6 +336,8 @@ def connect(
     if connect_timeout is None:
         from_dsn = psycopg2.extensions.parse_dsn(params).get("connect_timeout")
         connect_timeout = float(from_dsn) if from_dsn else None
+    elif isinstance(connect_timeout, str):  # from a URL's query string
+        connect_timeout = float(connect_timeout)
     wire = _Wire(reactor)
     outcome: list[str] = []
 
@@ -370,6 +381,21 @@ def connect(
     return Connection(wire)
 
 
+def _close_forgotten(wire: _Wire) -> None:
+    # A Connection was garbage-collected while open.  This may run anywhere
+    # (the collector runs at arbitrary points): close on the reactor's next
+    # turn, not in the middle of whatever is running now.
+    raw = wire._connection
+    if raw is None or raw.closed:
+        return
+    _log.warn(
+        "a txfiberdb.dbapi connection was garbage-collected while open; "
+        "closing it. Close connections (or return them to their pool) "
+        "when done."
+    )
+    wire.reactor.callLater(0, wire.close)
+
+
 class Connection:
     """
     A DB-API connection.  One fiber uses it at a time (a second fiber using
@@ -399,6 +425,10 @@ class Connection:
         self._user: Any = None
         self._cursor_factory: Optional[Callable[..., Any]] = None
         self._ctl: Any = None
+        # Dropped without close(): the reactor's reader and the server's
+        # backend would otherwise outlive it for as long as the process.
+        self._finalizer = weakref.finalize(self, _close_forgotten, wire)
+        self._finalizer.atexit = False
 
     # -- state -------------------------------------------------------------
 
@@ -679,6 +709,7 @@ class Connection:
 
     def close(self) -> None:
         """Close the connection (the server rolls back an open transaction)."""
+        self._finalizer.detach()
         if self._wire._connection is not None:
             self._wire.close()
 
@@ -839,7 +870,13 @@ class Cursor:
     def execute(self, operation: Any, parameters: Any = None) -> None:
         """Run one statement (or several, ``;``-separated; the last one's
         result is kept), parking the fiber until the server answers."""
+        operation = _sql_text(operation, self._raw)
         _refuse_copy(operation)
+        self._execute(operation, parameters)
+
+    def _execute(self, operation: Any, parameters: Any = None) -> None:
+        # execute() without the COPY check: for statements built here from a
+        # checked template and row data (which may say "COPY" in a literal).
         conn = self.connection
         self._rowcount_override = None
         prefix = conn._begin_prefix()
@@ -866,6 +903,7 @@ class Cursor:
     def executemany_batched(
         self, operation: Any, seq_of_parameters: Sequence[Any], page_size: int = 1000
     ) -> None:
+        operation = _sql_text(operation, self._raw)
         _refuse_copy(operation)
         rows = list(seq_of_parameters)
         if not rows:
@@ -880,14 +918,14 @@ class Cursor:
             for start in range(0, len(rows), page_size):
                 page = rows[start : start + page_size]
                 values = b",".join(self._raw.mogrify(template, p) for p in page)
-                self.execute(head + values)
+                self._execute(head + values)
                 total += self._raw.rowcount
             self._rowcount_override = total
             return
         for start in range(0, len(rows), page_size // 10 or 1):
             page = rows[start : start + (page_size // 10 or 1)]
             sql = b";".join(self._raw.mogrify(text, p) for p in page)
-            self.execute(sql)
+            self._execute(sql)
         self._rowcount_override = self._raw.rowcount if len(rows) == 1 else -1
 
     def callproc(self, procname: str, parameters: Any = None) -> Any:
@@ -952,6 +990,7 @@ class ServerCursor(Cursor):
         return self._fetched - (len(self._buffer) - self._pos)
 
     def execute(self, operation: Any, parameters: Any = None) -> None:
+        operation = _sql_text(operation, self._raw)
         _refuse_copy(operation)
         if self._declared:
             raise ProgrammingError(
