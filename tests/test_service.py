@@ -120,6 +120,23 @@ class EngineServiceTests(DatabaseTestCase):
             await_deferred(service.run(boom))
         wait_until(lambda: service.inflight == 0)
 
+    def test_cancelled_before_it_started(self):
+        """
+        Work started from a fiber begins on the next reactor turn; cancelled
+        before then, it never runs and is not counted as in flight.
+        """
+        service = self.make()
+        service.startService()
+        ran = []
+        d = service.run(ran.append, "ran")  # from this (test) fiber
+        self.assertEqual(service.inflight, 1)
+        d.cancel()
+        with self.assertRaises(CancelledError):
+            await_deferred(d)
+        sleep(0.01)
+        self.assertEqual((ran, service.inflight), ([], 0))
+        await_deferred(service.stopService())  # does not wait for it
+
     def test_stop_waits_for_work_in_flight(self):
         service = self.make()
         service.startService()

@@ -143,16 +143,28 @@ class EngineService(Service):
                 "the database service is not running (stopping or not started)"
             )
         key = object()
+        started = []
 
         def body() -> _T:
-            # Registered first, so it runs last: after the pool has taken
-            # back what the fiber forgot.
-            on_fiber_exit(lambda: self._ended(key))
+            started.append(True)
+            # Late, and registered first, so it runs last: after the
+            # application's clean-up and after the pool has taken back what
+            # the fiber forgot.
+            on_fiber_exit(lambda: self._ended(key), late=True)
             return f(*args, **kwargs)
+
+        def never_started(result: Any) -> Any:
+            # Cancelled before its first turn (run() called from a fiber
+            # starts it on the next one): the fiber never runs, so its exit
+            # callback never will either.
+            if not started:
+                self._ended(key)
+            return result
 
         d = run_in_fiber(body)
         if key is not self._last_ended:  # (not over already)
             self._inflight[key] = d
+        d.addBoth(never_started)
         return d
 
     _last_ended: object = None
