@@ -6,8 +6,13 @@ from twisted.internet.defer import CancelledError
 from twisted.trial import reporter
 from twisted.trial.unittest import SynchronousTestCase
 
-from txfiberdb import await_deferred, in_fiber, sleep
-from txfiberdb.testing import FiberTestCase
+from txfiberdb import await_deferred, current_fiber, in_fiber, sleep
+from txfiberdb.testing import (
+    FiberTestCase,
+    create_database,
+    drop_database,
+    dsn_to_url,
+)
 
 
 def make_sample():
@@ -39,6 +44,44 @@ def make_sample():
     return Sample
 
 
+def make_transactional_sample(url):
+    """
+    The "transaction per test" pattern of SQLAlchemy's docs: setUp opens a
+    connection and a transaction, the test writes through a Session joined to
+    it, tearDown rolls it all back.
+    """
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.orm import Session
+
+    class Transactional(FiberTestCase):
+        fibers: list = []
+
+        def setUp(self):
+            self.engine = create_engine(url, pool_size=1, max_overflow=0)
+            self.conn = self.engine.connect()
+            self.trans = self.conn.begin()
+            self.session = Session(
+                bind=self.conn, join_transaction_mode="create_savepoint"
+            )
+            self.fibers.append(current_fiber())
+
+        def tearDown(self):
+            self.fibers.append(current_fiber())
+            self.session.close()
+            self.trans.rollback()
+            self.conn.close()
+            self.engine.dispose()
+
+        def test_write(self):
+            self.fibers.append(current_fiber())
+            self.session.execute(text("INSERT INTO t VALUES (1)"))
+            self.session.commit()  # a savepoint: the outer transaction stays
+            count = self.conn.execute(text("SELECT count(*) FROM t")).scalar()
+            assert count == 1, count
+
+    return Transactional
+
+
 class FiberTestCaseTests(SynchronousTestCase):
     def run_sample(self, name):
         Sample = make_sample()
@@ -65,3 +108,35 @@ class FiberTestCaseTests(SynchronousTestCase):
         result, _ = self.run_sample("test_body")
         self.assertEqual(result.testsRun, 1)
         self.assertTrue(callable(await_deferred))
+
+    def test_steps_share_one_fiber(self):
+        """
+        What setUp checks out stays the test's through tearDown (one fiber
+        for all steps), and nothing is left behind or warned about.
+        """
+        import psycopg2
+        from twisted.logger import globalLogPublisher
+
+        dsn = create_database()
+        self.addCleanup(drop_database, dsn)
+        with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+            cur.execute("CREATE TABLE t (a int)")
+        conn.close()
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        Sample = make_transactional_sample(dsn_to_url(dsn))
+        Sample.fibers = []
+        result = reporter.TestResult()
+        Sample("test_write").run(result)
+        self.assertTrue(result.wasSuccessful(), result.errors + result.failures)
+        self.assertEqual(len(Sample.fibers), 3)
+        self.assertEqual(len(set(map(id, Sample.fibers))), 1)
+        self.assertTrue(Sample.fibers[0].dead)  # ended with the test
+        with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM t")
+            self.assertEqual(cur.fetchone(), (0,))  # rolled back
+        conn.close()
+        self.assertEqual(
+            [e for e in logged if "ended holding" in str(e.get("log_format"))], []
+        )

@@ -17,6 +17,7 @@ Helpers for testing code that uses txfiberdb.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import uuid
@@ -27,7 +28,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from txfiberdb.fiber import run_in_fiber
+from txfiberdb.fiber import _cancel_fiber, await_deferred, current_fiber, run_in_fiber
 from txfiberdb.testing._postgres import (
     PostgresUnavailable,
     TemporaryPostgres,
@@ -125,24 +126,134 @@ def dsn_to_url(dsn: str, driver: str = "txpostgres") -> str:
 
 class FiberTestCase(TestCase):
     """
-    A trial TestCase whose ``setUp``, test methods and ``tearDown`` each run
-    in a fiber: they may call :func:`txfiberdb.await_deferred` and any
-    txfiberdb-backed SQLAlchemy code directly.  trial's ``timeout`` cancels
-    the fiber.
+    A trial TestCase whose ``setUp``, test method, cleanups and ``tearDown``
+    run in a fiber: they may call :func:`txfiberdb.await_deferred` and any
+    txfiberdb-backed SQLAlchemy code directly.
+
+    All the steps of one test run in turn in *one* fiber, so what ``setUp``
+    opens (a connection, a transaction the test joins and ``tearDown`` rolls
+    back) stays the test's until the end; when the test is over the fiber
+    ends, and the pool takes back what is still checked out.  A step that
+    returns a Deferred has it waited on.  trial's ``timeout`` cancels the
+    step running (:exc:`~twisted.internet.defer.CancelledError` where it
+    waits).  (On Twisted releases older than 23.8, whose trial lacks the hook
+    used, each step runs in a fiber of its own.)
     """
+
+    _steps: Optional[_StepFiber] = None
+
+    if hasattr(TestCase, "_deferSetUp"):
+
+        async def _deferSetUp(self, result: Any) -> None:
+            steps = self._steps = _StepFiber()
+            try:
+                await super()._deferSetUp(result)  # type: ignore[misc]
+            finally:
+                self._steps = None
+                try:
+                    await steps.stop()
+                except BaseException:
+                    result.addError(self, Failure())
 
     def _run(self, *args: Any) -> Any:
         # trial's hook that runs setUp, the test method, tearDown and each
         # cleanup: ``_run(func, description, result)`` (Twisted >= 23.8) or
         # ``_run(methodName, result)`` (older).
         if callable(args[0]):
-            return super()._run(_in_fiber(args[0]), *args[1:])  # type: ignore[misc]
+            steps = self._steps
+            step = steps.runner(args[0]) if steps else _in_fiber(args[0])
+            return super()._run(step, *args[1:])  # type: ignore[misc]
         name = args[0]
         setattr(self, name, _in_fiber(getattr(self, name)))
         try:
             return super()._run(*args)  # type: ignore[misc]
         finally:
             delattr(self, name)
+
+
+class _StepFiber:
+    """
+    One fiber that runs the steps of a test one after the other: each step
+    handed to :meth:`runner` runs in it, and :meth:`stop` ends it.
+    """
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[Any] = collections.deque()
+        self._wake: Optional[Deferred[None]] = None
+        self._busy = False
+        self.ended: Deferred[None] = run_in_fiber(self._loop)
+
+    def _loop(self) -> None:
+        from twisted.internet import reactor as _reactor
+
+        reactor: Any = _reactor
+        fib: Any = current_fiber()
+        while True:
+            if not self._queue:
+                self._wake = Deferred()
+                await_deferred(self._wake)
+            step = self._queue.popleft()
+            if step is None:
+                return
+            f, out = step
+            self._busy = True
+            try:
+                outcome = f()
+                if isinstance(outcome, Deferred):
+                    outcome = await_deferred(outcome)
+            except BaseException:
+                outcome = Failure()
+            finally:
+                self._busy = False
+                fib.cancel_pending = False  # a cancel meant for this step only
+            # Reported from the hub: trial's own machinery runs there.
+            reactor.callLater(0, _report, out, outcome)
+
+    def _push(self, item: Any) -> None:
+        self._queue.append(item)
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            wake.callback(None)
+
+    def runner(self, f: Callable[[], Any]) -> Callable[[], Deferred[Any]]:
+        """``f`` as a trial step that runs in this fiber."""
+
+        @functools.wraps(f)
+        def step() -> Deferred[Any]:
+            out: Deferred[Any] = Deferred(lambda _: self._cancel_step())
+
+            def timed_out(failure: Failure) -> Failure:
+                # trial's timeout errbacks the step's Deferred.
+                self._cancel_step()
+                return failure
+
+            self._push((f, out))
+            out.addErrback(timed_out)
+            return out
+
+        return step
+
+    def _cancel_step(self) -> None:
+        if self._busy:
+            _cancel_fiber(self.ended)
+
+    def stop(self) -> Deferred[None]:
+        """End the fiber (its exit callbacks run); fires when it has ended."""
+        self._push(None)
+        if self._busy:
+            # A step ignored its cancellation and still runs: do not wait.
+            self.ended.cancel()
+            self.ended.addErrback(lambda _: None)
+        return self.ended
+
+
+def _report(out: Deferred[Any], outcome: Any) -> None:
+    if out.called:
+        return  # timed out: trial reported it already
+    if isinstance(outcome, Failure):
+        out.errback(outcome)
+    else:
+        out.callback(outcome)
 
 
 def _in_fiber(f: Callable[[], Any]) -> Callable[[], Any]:
