@@ -561,6 +561,35 @@ class CancellationTests(DatabaseTestCase):
         cur.execute("SELECT 42")
         self.assertEqual(cur.fetchone(), (42,))
 
+    def test_cancel_without_a_spare_connection(self):
+        """
+        The cancel normally goes through pg_cancel_backend() on a connection
+        of its own; when the server refuses one (here the role's connection
+        limit), libpq's cancel request still does it.
+        """
+        role = f"limited_{uuid.uuid4().hex[:8]}"
+        password = psycopg2.extensions.parse_dsn(self.dsn).get("password")
+        self.admin(
+            f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 1 PASSWORD %s", (password,)
+        )
+        self.addCleanup(self.admin, f"DROP ROLE {role}")
+        conn = dbapi.connect(self.dsn, user=role)
+        self.addCleanup(conn.close)
+        with self.assertRaises(psycopg2.OperationalError):
+            dbapi.connect(self.dsn, user=role).close()  # the limit holds
+        d = run_in_fiber(conn.cursor().execute, "SELECT pg_sleep(30)")
+        sleep(0.3)
+        self.assertEqual(self.active_sleeps(), 1)
+        d.cancel()
+        with self.assertRaises(CancelledError):
+            await_deferred(d)
+        sleep(0.1)
+        self.assertEqual(self.active_sleeps(), 0)
+        conn.rollback()
+        cur = conn.cursor()
+        cur.execute("SELECT current_user")
+        self.assertEqual(cur.fetchone(), (role,))
+
     def test_wait_timeout_cancels_query(self):
         from txfiberdb.fiber import WaitTimeout
 

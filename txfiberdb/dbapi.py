@@ -378,7 +378,7 @@ def connect(
             timer.cancel()
     wire.adopt_socket()
     psycopg2.extras.register_uuid(conn_or_curs=wire._connection)
-    return Connection(wire)
+    return Connection(wire, params)
 
 
 def _close_forgotten(wire: _Wire) -> None:
@@ -414,8 +414,9 @@ class Connection:
     ProgrammingError = ProgrammingError
     NotSupportedError = NotSupportedError
 
-    def __init__(self, wire: _Wire) -> None:
+    def __init__(self, wire: _Wire, params: str = "") -> None:
         self._wire = wire
+        self._params = params  # to open a connection that cancels this one's query
         self._raw = wire._connection
         self._autocommit = False
         self._isolation_level: Optional[int] = None
@@ -641,10 +642,7 @@ class Connection:
         """The fiber stopped waiting (cancelled) mid-query: cancel it."""
         wire = self._wire
         with shield():
-            try:
-                self._raw.cancel()
-            except psycopg2.Error:
-                pass
+            self._send_cancel()
             if wire.busy:
                 timer = wire.reactor.callLater(CANCEL_GRACE, wire.give_up)
                 wire.fiber = fib
@@ -663,6 +661,46 @@ class Connection:
                     if timer.active():
                         timer.cancel()
             wire.outcome = None
+
+    def _send_cancel(self) -> None:
+        """
+        Ask the server to cancel this connection's query, from a fiber,
+        without blocking the reactor: ``pg_cancel_backend()`` on a short-lived
+        connection of our own (libpq's ``PQcancel``, which psycopg2 and
+        txpostgres call, connects and waits on the reactor's thread).  Falls
+        back to ``PQcancel`` if that connection cannot be had (the server's
+        connection limit, say: a cancel request needs no connection slot).
+        """
+        pid = self._raw.get_backend_pid()
+        try:
+            helper = connect(
+                psycopg2.extensions.make_dsn(
+                    self._params, application_name="txfiberdb cancel"
+                ),
+                connect_timeout=CANCEL_GRACE,
+                reactor=self._wire.reactor,
+            )
+        except psycopg2.Error as e:
+            _log.info(
+                "no connection to cancel a query through ({error}); using "
+                "PQcancel, which blocks the reactor for a round trip",
+                error=str(e).strip(),
+            )
+            try:
+                self._raw.cancel()
+            except psycopg2.Error:
+                pass
+            return
+        try:
+            helper.autocommit = True
+            helper.cursor().execute("SELECT pg_cancel_backend(%s)", (pid,))
+        except psycopg2.Error:
+            try:
+                self._raw.cancel()
+            except psycopg2.Error:
+                pass
+        finally:
+            helper.close()
 
     def _begin_prefix(self) -> str:
         if self._autocommit or self.in_transaction:
@@ -715,12 +753,18 @@ class Connection:
 
     def cancel(self) -> None:
         """
-        Ask the server to cancel the query running on this connection (from
-        any fiber, or the hub).  psycopg2's ``PQcancel`` opens a connection of
-        its own and blocks for it: a few ms on a local server.
+        Ask the server to cancel the query running on this connection.  From
+        a fiber, through ``pg_cancel_backend()`` on a short-lived connection
+        (the fiber waits, the reactor goes on).  On the hub, with libpq's
+        ``PQcancel``, which connects to the server and waits for it on the
+        reactor's thread (about a millisecond on a local server; as long as
+        the server takes to answer otherwise).
         """
         self._check_open()
-        self._raw.cancel()
+        if in_fiber():
+            self._send_cancel()
+        else:
+            self._raw.cancel()
 
     def register_hstore(self) -> bool:
         """
