@@ -146,6 +146,12 @@ _COPY_REFUSED = (
 )
 
 
+_HSTORE_OIDS = (
+    "SELECT t.oid, t.typarray FROM pg_type t "
+    "JOIN pg_namespace ns ON t.typnamespace = ns.oid "
+    "WHERE t.typname = 'hstore'"
+)
+
 _COPY_HINT = re.compile("copy", re.IGNORECASE).search
 
 
@@ -766,25 +772,34 @@ class Connection:
         else:
             self._raw.cancel()
 
-    def register_hstore(self) -> bool:
+    def hstore_oids(self) -> Optional[tuple[int, int]]:
         """
-        Convert hstore values to and from dicts on this connection.  Looks the
-        type's OIDs up with an ordinary query (psycopg2's ``register_hstore``
-        would run a hidden one, which breaks an asynchronous connection).
-
-        :return: False when the hstore extension is not installed.
+        The OIDs of the hstore type and of its array type, or None when the
+        extension is not installed, looked up with an ordinary query
+        (psycopg2's ``HstoreAdapter.get_oids`` runs a hidden one, which breaks
+        an asynchronous connection).
         """
         cur = self.cursor()
-        cur.execute(
-            "SELECT t.oid, t.typarray FROM pg_type t "
-            "JOIN pg_namespace ns ON t.typnamespace = ns.oid "
-            "WHERE t.typname = 'hstore'"
-        )
-        rows = cur.fetchall()
-        if not rows:
-            return False
-        oid, array_oid = rows[0]
-        psycopg2.extras.register_hstore(self._raw, oid=oid, array_oid=array_oid)
+        try:
+            cur.execute(_HSTORE_OIDS)
+            row = cur.fetchone()
+        finally:
+            cur.close()
+        return (row[0], row[1]) if row else None
+
+    def register_hstore(self, oids: Optional[tuple[int, int]] = None) -> bool:
+        """
+        Convert hstore values to and from dicts on this connection.
+
+        :param oids: ``(oid, array_oid)``, as :meth:`hstore_oids` returns;
+            looked up when not given.
+        :return: False when the hstore extension is not installed.
+        """
+        if oids is None:
+            oids = self.hstore_oids()
+            if oids is None:
+                return False
+        psycopg2.extras.register_hstore(self._raw, oid=oids[0], array_oid=oids[1])
         return True
 
     def add_notify_observer(self, observer: Callable[[Any], Any]) -> None:

@@ -66,13 +66,6 @@ from txfiberdb.pool import FiberQueuePool, install_fiber_mutexes
 
 __all__ = ["TxPostgresDialect", "dialect"]
 
-_HSTORE_OIDS = (
-    "SELECT t.oid, t.typarray FROM pg_type t "
-    "JOIN pg_namespace ns ON t.typnamespace = ns.oid "
-    "WHERE t.typname = 'hstore'"
-)
-
-
 class TxPostgresExecutionContext(PGExecutionContext_psycopg2):
     pass
 
@@ -132,7 +125,7 @@ class TxPostgresDialect(PGDialect_psycopg2):
             if self.use_native_hstore:
                 oids = self._hstore_oids(conn)
                 if oids is not None:
-                    extras.register_hstore(raw, oid=oids[0], array_oid=oids[1])
+                    conn.register_hstore(oids)
             if self._json_deserializer:
                 extras.register_default_json(raw, loads=self._json_deserializer)
                 extras.register_default_jsonb(raw, loads=self._json_deserializer)
@@ -147,15 +140,11 @@ class TxPostgresDialect(PGDialect_psycopg2):
             return self.__dict__["_hstore_oid_cache"]
         conn = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
         was_idle = not conn.in_transaction
-        cursor = conn.cursor()
         try:
-            cursor.execute(_HSTORE_OIDS)
-            row = cursor.fetchone()
+            oids = conn.hstore_oids()
         finally:
-            cursor.close()
             if was_idle and not conn.autocommit:
                 conn.rollback()
-        oids = tuple(row) if row and row[0] else None
         self.__dict__["_hstore_oid_cache"] = oids
         return oids
 
