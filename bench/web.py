@@ -34,7 +34,7 @@ separate process, on loopback; each (route, concurrency) gets a warm-up run,
 then a measured run; rounds of all the variants are interleaved and the
 table gives the medians.
 
-Run:  python bench/http.py [--rounds 3] [--concurrency 20,100] [--demo]
+Run:  python bench/web.py [--rounds 3] [--concurrency 20,100] [--demo]
       (a throwaway PostgreSQL is started unless TXFIBERDB_TEST_DSN is set)
 """
 
@@ -44,11 +44,6 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Run as a script, this file's directory comes first on sys.path, and this
-# file (http.py) would shadow the standard library's http package, which
-# Twisted's web server imports.
-if sys.path and os.path.abspath(sys.path[0] or os.curdir) == HERE:
-    del sys.path[0]
 
 import argparse  # noqa: E402
 import json  # noqa: E402
