@@ -47,8 +47,13 @@ Differences from ``postgresql+psycopg2``
   ``max_prepared_transactions`` > 0.
 - COPY is refused (it would wedge an asynchronous connection).
 - Cancelling a fiber (for instance Klein cancelling a request's Deferred when
-  the client goes away) cancels its running query on the server; the
-  connection is rolled back when returned to the pool.
+  the client goes away) cancels its running query on the server (with
+  ``pg_cancel_backend()`` over a short-lived connection, so the reactor never
+  waits); the connection is rolled back when returned to the pool.
+- Any pool class may be used (``poolclass=NullPool``, ...): SQLAlchemy's
+  once-only connect set-up is made to park fibers instead of taking a thread
+  lock.  A pool that blocks when exhausted (SQLAlchemy's ``QueuePool``)
+  blocks the reactor then; the default pool parks the fiber.
 """
 
 from __future__ import annotations
