@@ -523,6 +523,47 @@ class FaultTests(DatabaseTestCase):
         fresh.close()
 
 
+def start_proxy(testcase, target):
+    """Run tests/tcp_proxy.py; return the port it listens on."""
+    import sys
+
+    from twisted.internet.defer import Deferred
+    from twisted.internet.protocol import ProcessProtocol
+
+    class Proxy(ProcessProtocol):
+        def __init__(self):
+            self.port = Deferred()
+            self.ended = Deferred()
+            self.out = b""
+
+        def outReceived(self, data):
+            self.out += data
+            if b"\n" in self.out and not self.port.called:
+                self.port.callback(int(self.out.split(b"\n")[0]))
+
+        def processEnded(self, reason):
+            if not self.port.called:
+                self.port.errback(reason)
+            self.ended.callback(None)
+
+    proxy = Proxy()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    process = reactor.spawnProcess(
+        proxy,
+        sys.executable,
+        [sys.executable, "-m", "tests.tcp_proxy", target],
+        env=os.environ.copy(),
+        path=root,
+    )
+
+    def stop():
+        process.signalProcess("KILL")
+        await_deferred(proxy.ended)
+
+    testcase.addCleanup(stop)
+    return await_deferred(proxy.port, timeout=30)
+
+
 class CancellationTests(DatabaseTestCase):
     def active_sleeps(self):
         return self.admin(
@@ -561,6 +602,82 @@ class CancellationTests(DatabaseTestCase):
         cur.execute("SELECT 42")
         self.assertEqual(cur.fetchone(), (42,))
 
+    def assert_no_sleeps_soon(self):
+        """The cancel is sent in the background of the cancelled fiber."""
+        for _ in range(250):
+            if not self.active_sleeps():
+                return
+            sleep(0.02)
+        self.assertEqual(self.active_sleeps(), 0)
+
+    def settle(self, conn):
+        """Wait until the cancelled fiber has let go of ``conn``."""
+        for _ in range(250):
+            if conn._user is None:
+                return
+            sleep(0.02)
+        self.fail("the cancelled fiber kept the connection")
+
+    def spy_on_pqcancel(self, conn):
+        """Count the calls of libpq's blocking cancel on ``conn``."""
+        calls = []
+
+        class Spy:
+            def __init__(self, raw):
+                self._spied = raw
+
+            def cancel(self):
+                calls.append(True)
+                return self._spied.cancel()
+
+            def __getattr__(self, name):
+                return getattr(self._spied, name)
+
+        conn._raw = Spy(conn._raw)
+        return calls
+
+    def test_cancel_does_not_block_the_reactor(self):
+        """The cancel goes through a connection the fiber waits on, not PQcancel."""
+        conn = self.connect()
+        pqcancels = self.spy_on_pqcancel(conn)
+        d = run_in_fiber(conn.cursor().execute, "SELECT pg_sleep(30)")
+        sleep(0.2)
+        d.cancel()
+        with self.assertRaises(CancelledError):
+            await_deferred(d)
+        self.assert_no_sleeps_soon()
+        self.settle(conn)
+        self.assertEqual(pqcancels, [])
+        conn.rollback()
+
+    def test_cancel_through_a_proxy(self):
+        """
+        Behind a TCP proxy (as behind PgBouncer, or a load balancer) the
+        server sees another client port: the helper connection finds no such
+        backend and cancels nothing; PQcancel, through the proxy, does it.
+        """
+        params = psycopg2.extensions.parse_dsn(self.dsn)
+        host, pgport = params.get("host", "localhost"), params.get("port", "5432")
+        if host.startswith("/"):
+            target = f"unix:path={host}/.s.PGSQL.{pgport}"
+        else:
+            target = f"tcp:host={host}:port={pgport}"
+        # In a process of its own: PQcancel blocks this process's reactor.
+        port = start_proxy(self, target)
+        conn = dbapi.connect(self.dsn, host="127.0.0.1", port=port)
+        self.addCleanup(conn.close)
+        pqcancels = self.spy_on_pqcancel(conn)
+        d = run_in_fiber(conn.cursor().execute, "SELECT pg_sleep(30)")
+        sleep(0.2)
+        self.assertEqual(self.active_sleeps(), 1)
+        d.cancel()
+        with self.assertRaises(CancelledError):
+            await_deferred(d)
+        self.assert_no_sleeps_soon()
+        self.settle(conn)
+        self.assertEqual(pqcancels, [True])
+        conn.rollback()
+
     def test_cancel_without_a_spare_connection(self):
         """
         The cancel normally goes through pg_cancel_backend() on a connection
@@ -583,8 +700,8 @@ class CancellationTests(DatabaseTestCase):
         d.cancel()
         with self.assertRaises(CancelledError):
             await_deferred(d)
-        sleep(0.1)
-        self.assertEqual(self.active_sleeps(), 0)
+        self.assert_no_sleeps_soon()
+        self.settle(conn)
         conn.rollback()
         cur = conn.cursor()
         cur.execute("SELECT current_user")
@@ -602,8 +719,8 @@ class CancellationTests(DatabaseTestCase):
         d = run_in_fiber(sleeper)
         with self.assertRaises(WaitTimeout):
             await_deferred(d, timeout=0.3)
-        sleep(0.2)
-        self.assertEqual(self.active_sleeps(), 0)
+        self.assert_no_sleeps_soon()
+        self.settle(conn)
 
     def test_connection_cancel_method(self):
         conn = self.connect()

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
@@ -79,7 +80,7 @@ from psycopg2.extensions import (
     TRANSACTION_STATUS_IDLE,
     TRANSACTION_STATUS_UNKNOWN,
 )
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import txpostgres
@@ -152,6 +153,18 @@ _HSTORE_OIDS = (
     "WHERE t.typname = 'hstore'"
 )
 
+# The backend to cancel: our pid, as seen with our client port, as our role,
+# in our database.
+_CANCEL_BACKEND = (
+    "SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
+    "WHERE pid = %s AND coalesce(client_port, -1) = %s "
+    "AND usename = current_user AND datname = current_database()"
+)
+
+#: Helper connections opened at once to cancel queries (more wait their turn).
+CANCEL_HELPERS = 8
+_cancel_helpers = DeferredSemaphore(CANCEL_HELPERS)
+
 _COPY_HINT = re.compile("copy", re.IGNORECASE).search
 
 
@@ -193,6 +206,7 @@ class _Wire(txpostgres.Connection):
         self.outcome: Any = None  # its outcome, when nobody was parked
         self.lost: Optional[str] = None
         self._fd = -1
+        self.local_port: Optional[int] = None  # our end's TCP port
 
     def adopt_socket(self) -> None:
         """
@@ -205,6 +219,12 @@ class _Wire(txpostgres.Connection):
         self.reactor.removeReader(self)
         self._fd = os.dup(self._connection.fileno())
         self.reactor.addReader(self)
+        try:
+            with socket.socket(fileno=os.dup(self._fd)) as sock:
+                local = sock.getsockname()
+        except OSError:
+            local = None
+        self.local_port = local[1] if isinstance(local, tuple) else None
 
     def fileno(self) -> int:
         if self._fd >= 0:
@@ -671,42 +691,69 @@ class Connection:
     def _send_cancel(self) -> None:
         """
         Ask the server to cancel this connection's query, from a fiber,
-        without blocking the reactor: ``pg_cancel_backend()`` on a short-lived
-        connection of our own (libpq's ``PQcancel``, which psycopg2 and
-        txpostgres call, connects and waits on the reactor's thread).  Falls
-        back to ``PQcancel`` if that connection cannot be had (the server's
-        connection limit, say: a cancel request needs no connection slot).
+        without blocking the reactor: ``pg_cancel_backend()`` from a
+        short-lived connection of our own.  (libpq's ``PQcancel``, which
+        psycopg2 and txpostgres call, connects to the server and waits for it
+        on the reactor's thread, holding the GIL.)
+
+        The backend is identified by its pid *and* by the client port the
+        server sees (our socket's local port; -1 over a unix socket), so a
+        helper that reaches another server (a host list, a load balancer) or
+        a pooler in between (PgBouncer, whose pids are its own) cancels
+        nothing; then, and when the server has no connection slot for the
+        helper, ``PQcancel`` does it.  When the server cannot be reached at
+        all, nothing is sent: the caller's grace timer gives the connection
+        up.
         """
+        wire = self._wire
         pid = self._raw.get_backend_pid()
+        port = -1 if wire.local_port is None else wire.local_port
+        helper_dsn = psycopg2.extensions.make_dsn(
+            self._params,
+            application_name="txfiberdb cancel",
+            options=f"-c statement_timeout={int(CANCEL_GRACE * 1000)}",
+        )
+        await_deferred(_cancel_helpers.acquire())
         try:
-            helper = connect(
-                psycopg2.extensions.make_dsn(
-                    self._params, application_name="txfiberdb cancel"
-                ),
-                connect_timeout=CANCEL_GRACE,
-                reactor=self._wire.reactor,
-            )
-        except psycopg2.Error as e:
-            _log.info(
-                "no connection to cancel a query through ({error}); using "
-                "PQcancel, which blocks the reactor for a round trip",
-                error=str(e).strip(),
-            )
             try:
-                self._raw.cancel()
-            except psycopg2.Error:
-                pass
-            return
-        try:
-            helper.autocommit = True
-            helper.cursor().execute("SELECT pg_cancel_backend(%s)", (pid,))
-        except psycopg2.Error:
-            try:
-                self._raw.cancel()
-            except psycopg2.Error:
-                pass
+                helper = connect(
+                    helper_dsn, connect_timeout=CANCEL_GRACE, reactor=wire.reactor
+                )
+            except psycopg2.Error as e:
+                reason = str(e).strip()
+                if "too many" not in reason:
+                    _log.warn(
+                        "could not connect to cancel a query ({reason}); the "
+                        "connection is given up if the query does not end",
+                        reason=reason,
+                    )
+                    return
+                cancelled = False
+            else:
+                try:
+                    helper.autocommit = True
+                    cur = helper.cursor()
+                    cur.execute(_CANCEL_BACKEND, (pid, port))
+                    cancelled = any(row[0] for row in cur.fetchall())
+                except psycopg2.Error as e:
+                    reason = str(e).strip()
+                    cancelled = False
+                else:
+                    reason = "backend not found from a new connection"
+                finally:
+                    helper.close()
         finally:
-            helper.close()
+            _cancel_helpers.release()
+        if not cancelled:
+            _log.info(
+                "cancelling with PQcancel, which blocks the reactor for a round "
+                "trip to the server ({reason})",
+                reason=reason,
+            )
+            try:
+                self._raw.cancel()
+            except psycopg2.Error:
+                pass
 
     def _begin_prefix(self) -> str:
         if self._autocommit or self.in_transaction:
