@@ -139,16 +139,16 @@ class _FiberMutex:
         self._lock = DeferredLock()
 
     def __enter__(self) -> bool:
-        acquired = self._lock.acquire()
-        if not acquired.called and current_fiber() is None:
-            acquired.cancel()
+        if self._lock.locked and current_fiber() is None:
             raise NotInFiberError(
                 "a txfiberdb engine's connect set-up is running in a fiber "
                 "and this call, outside any fiber, would have to wait for it: "
                 "run this code with txfiberdb.run_in_fiber(f) or "
                 "@txfiberdb.fibered"
             )
-        await_deferred(acquired)
+        acquired = self._lock.acquire()
+        if not acquired.called:
+            await_deferred(acquired)
         return True
 
     def __exit__(self, *exc: Any) -> None:
