@@ -392,6 +392,19 @@ class ScaleAndStatsTests(TestCase):
         self.successResultOf(run_in_fiber(body))
         self.assertEqual(events, ["normal 2", "normal 1", "late 2", "late 1"])
 
+    def test_exit_callbacks_registered_while_exiting(self):
+        events = []
+
+        def late():
+            events.append("late")
+            on_fiber_exit(lambda: events.append("added by late"))
+
+        def body():
+            on_fiber_exit(late, late=True)
+
+        self.successResultOf(run_in_fiber(body))
+        self.assertEqual(events, ["late", "added by late"])
+
     def test_cancel_during_exit_callbacks(self):
         """
         A cancel that lands while exit callbacks wait does not interrupt

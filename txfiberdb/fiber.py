@@ -426,17 +426,18 @@ def _run_exit_callbacks(fib: _Fiber) -> None:
     # fiber's function is over) and must not cut a clean-up short.
     fib.shield_depth += 1
     try:
-        for callbacks in (fib.exit_callbacks, fib.late_exit_callbacks):
-            while callbacks:
-                callback = callbacks.pop()
-                try:
-                    callback()
-                except BaseException:
-                    _log.failure(
-                        "exit callback {callback!r} of fiber {fiber} failed",
-                        callback=callback,
-                        fiber=fib.name,
-                    )
+        # Until both lists are empty: a callback may register more.
+        while fib.exit_callbacks or fib.late_exit_callbacks:
+            callbacks = fib.exit_callbacks or fib.late_exit_callbacks
+            callback = callbacks.pop()
+            try:
+                callback()
+            except BaseException:
+                _log.failure(
+                    "exit callback {callback!r} of fiber {fiber} failed",
+                    callback=callback,
+                    fiber=fib.name,
+                )
     finally:
         fib.shield_depth -= 1
         fib.cancel_pending = False
