@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import os
 import uuid
 from collections.abc import Callable
@@ -142,7 +143,7 @@ class FiberTestCase(TestCase):
 
     _steps: Optional[_StepFiber] = None
 
-    if hasattr(TestCase, "_deferSetUp"):
+    if inspect.iscoroutinefunction(getattr(TestCase, "_deferSetUp", None)):
 
         async def _deferSetUp(self, result: Any) -> None:
             steps = self._steps = _StepFiber()
@@ -154,6 +155,7 @@ class FiberTestCase(TestCase):
                     await steps.stop()
                 except BaseException:
                     result.addError(self, Failure())
+                    self._passed = False
 
     def _run(self, *args: Any) -> Any:
         # trial's hook that runs setUp, the test method, tearDown and each
@@ -180,7 +182,7 @@ class _StepFiber:
     def __init__(self) -> None:
         self._queue: collections.deque[Any] = collections.deque()
         self._wake: Optional[Deferred[None]] = None
-        self._busy = False
+        self._running: Optional[Deferred[Any]] = None  # the step's Deferred
         self.ended: Deferred[None] = run_in_fiber(self._loop)
 
     def _loop(self) -> None:
@@ -196,7 +198,9 @@ class _StepFiber:
             if step is None:
                 return
             f, out = step
-            self._busy = True
+            if out.called:
+                continue  # timed out while queued: trial has moved on
+            self._running = out
             try:
                 outcome = f()
                 if isinstance(outcome, Deferred):
@@ -204,7 +208,7 @@ class _StepFiber:
             except BaseException:
                 outcome = Failure()
             finally:
-                self._busy = False
+                self._running = None
                 fib.cancel_pending = False  # a cancel meant for this step only
             # Reported from the hub: trial's own machinery runs there.
             reactor.callLater(0, _report, out, outcome)
@@ -220,11 +224,11 @@ class _StepFiber:
 
         @functools.wraps(f)
         def step() -> Deferred[Any]:
-            out: Deferred[Any] = Deferred(lambda _: self._cancel_step())
+            out: Deferred[Any] = Deferred(lambda d: self._cancel_step(d))
 
             def timed_out(failure: Failure) -> Failure:
                 # trial's timeout errbacks the step's Deferred.
-                self._cancel_step()
+                self._cancel_step(out)
                 return failure
 
             self._push((f, out))
@@ -233,14 +237,15 @@ class _StepFiber:
 
         return step
 
-    def _cancel_step(self) -> None:
-        if self._busy:
+    def _cancel_step(self, out: Deferred[Any]) -> None:
+        """Cancel the step of ``out`` if it is the one running now."""
+        if self._running is out:
             _cancel_fiber(self.ended)
 
     def stop(self) -> Deferred[None]:
         """End the fiber (its exit callbacks run); fires when it has ended."""
         self._push(None)
-        if self._busy:
+        if self._running is not None:
             # A step ignored its cancellation and still runs: do not wait.
             self.ended.cancel()
             self.ended.addErrback(lambda _: None)
