@@ -218,11 +218,21 @@ class PoolTests(DatabaseTestCase):
         fibers, whatever the pool class, and again after dispose() (a
         threading.Lock there would freeze the reactor for good).
         """
+        from sqlalchemy import event
         from sqlalchemy.pool import NullPool
 
         ticker = Ticker(self)
         for kw in ({"poolclass": NullPool}, {"poolclass": QueuePool, "pool_size": 10}, {}):
             engine = self.make_engine(**kw)
+
+            @event.listens_for(engine, "connect")
+            def set_up(dbapi_connection, record):
+                # Waits, under SQLAlchemy's once-only mutex, on every pool
+                # the engine gets (dispose() makes a new one).
+                cursor = dbapi_connection.cursor()
+                cursor.execute("SELECT pg_sleep(0.05)")
+                cursor.close()
+                dbapi_connection.rollback()
 
             def query():
                 with engine.connect() as conn:
