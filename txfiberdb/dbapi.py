@@ -87,6 +87,7 @@ from txpostgres import txpostgres
 
 from txfiberdb.fiber import (
     NotInFiberError,
+    WaitTimeout,
     await_deferred,
     current_fiber,
     in_fiber,
@@ -158,7 +159,7 @@ _HSTORE_OIDS = (
 _CANCEL_BACKEND = (
     "SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
     "WHERE pid = %s AND coalesce(client_port, -1) = %s "
-    "AND usename = current_user AND datname = current_database()"
+    "AND usename = session_user AND datname = current_database()"
 )
 
 #: Helper connections opened at once to cancel queries (more wait their turn).
@@ -402,8 +403,12 @@ def connect(
     finally:
         if timer is not None and timer.active():
             timer.cancel()
-    wire.adopt_socket()
-    psycopg2.extras.register_uuid(conn_or_curs=wire._connection)
+    try:
+        wire.adopt_socket()
+        psycopg2.extras.register_uuid(conn_or_curs=wire._connection)
+    except BaseException:
+        wire.close()
+        raise
     return Connection(wire, params)
 
 
@@ -700,51 +705,72 @@ class Connection:
         server sees (our socket's local port; -1 over a unix socket), so a
         helper that reaches another server (a host list, a load balancer) or
         a pooler in between (PgBouncer, whose pids are its own) cancels
-        nothing; then, and when the server has no connection slot for the
-        helper, ``PQcancel`` does it.  When the server cannot be reached at
-        all, nothing is sent: the caller's grace timer gives the connection
-        up.
+        nothing; then, and when the helper cannot connect for any reason but
+        a timeout (no free connection slot, a pooler refusing it),
+        ``PQcancel`` does it.  When the server does not answer in time
+        (connecting, or the helper's query), nothing more is sent: the
+        caller's grace timer gives the connection up.
         """
         wire = self._wire
+        reactor = wire.reactor
         pid = self._raw.get_backend_pid()
         port = -1 if wire.local_port is None else wire.local_port
         helper_dsn = psycopg2.extensions.make_dsn(
-            self._params,
-            application_name="txfiberdb cancel",
-            options=f"-c statement_timeout={int(CANCEL_GRACE * 1000)}",
+            self._params, application_name="txfiberdb cancel"
         )
-        await_deferred(_cancel_helpers.acquire())
+        try:
+            await_deferred(_cancel_helpers.acquire(), timeout=CANCEL_GRACE)
+        except WaitTimeout:
+            _log.warn(
+                "no cancel sent: {n} cancels already in progress", n=CANCEL_HELPERS
+            )
+            return
         try:
             try:
                 helper = connect(
-                    helper_dsn, connect_timeout=CANCEL_GRACE, reactor=wire.reactor
+                    helper_dsn, connect_timeout=CANCEL_GRACE, reactor=reactor
                 )
             except psycopg2.Error as e:
                 reason = str(e).strip()
-                if "too many" not in reason:
+                if "(connect_timeout)" in reason:
                     _log.warn(
-                        "could not connect to cancel a query ({reason}); the "
-                        "connection is given up if the query does not end",
+                        "no cancel sent: the server did not answer ({reason})",
                         reason=reason,
                     )
                     return
                 cancelled = False
             else:
+                expired = []
+
+                def expire() -> None:
+                    expired.append(True)
+                    helper.close()
+
+                timer = reactor.callLater(CANCEL_GRACE, expire)
                 try:
                     helper.autocommit = True
                     cur = helper.cursor()
                     cur.execute(_CANCEL_BACKEND, (pid, port))
                     cancelled = any(row[0] for row in cur.fetchall())
                 except psycopg2.Error as e:
+                    if expired:
+                        _log.warn(
+                            "no cancel sent: the server did not answer within "
+                            "{grace} s",
+                            grace=CANCEL_GRACE,
+                        )
+                        return
                     reason = str(e).strip()
                     cancelled = False
                 else:
                     reason = "backend not found from a new connection"
                 finally:
+                    if timer.active():
+                        timer.cancel()
                     helper.close()
         finally:
             _cancel_helpers.release()
-        if not cancelled:
+        if not cancelled and not self.closed:
             _log.info(
                 "cancelling with PQcancel, which blocks the reactor for a round "
                 "trip to the server ({reason})",
@@ -815,7 +841,8 @@ class Connection:
         """
         self._check_open()
         if in_fiber():
-            self._send_cancel()
+            with shield():
+                self._send_cancel()
         else:
             self._raw.cancel()
 
