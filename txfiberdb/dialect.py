@@ -71,6 +71,7 @@ from txfiberdb.pool import FiberQueuePool, install_fiber_mutexes
 
 __all__ = ["TxPostgresDialect", "dialect"]
 
+
 class TxPostgresExecutionContext(PGExecutionContext_psycopg2):
     pass
 
