@@ -41,6 +41,16 @@ def make_sample():
 
         test_slow.timeout = 0.2  # type: ignore[attr-defined]
 
+        def test_stubborn(self):
+            # Ignores its first cancellation and goes on a little.
+            try:
+                sleep(30)
+            except CancelledError:
+                sleep(0.3)
+                self.log.append(("finished anyway", in_fiber()))
+
+        test_stubborn.timeout = 0.2  # type: ignore[attr-defined]
+
     return Sample
 
 
@@ -102,6 +112,25 @@ class FiberTestCaseTests(SynchronousTestCase):
         result, log = self.run_sample("test_slow")
         self.assertEqual(len(result.errors), 1)
         self.assertIn(("cancelled", True), log)
+
+    def test_step_ignoring_its_timeout_is_waited_for(self):
+        """
+        The test's fiber has ended when run() returns, even when a step went
+        on after its timeout: nothing of it runs into the next test.
+        """
+        result, log = self.run_sample("test_stubborn")
+        # The test timed out, and so did the clean-up queued behind it (the
+        # same 0.2 s timeout); the clean-up ran all the same, then tearDown.
+        self.assertEqual(len(result.errors), 2)
+        self.assertEqual(
+            log,
+            [
+                ("setUp", True),
+                ("finished anyway", True),
+                ("cleanup", True),
+                ("tearDown", True),
+            ],
+        )
 
     def test_await_in_test_body(self):
         # The sample's body waits on a reactor-driven Deferred.

@@ -151,8 +151,13 @@ class FiberTestCase(TestCase):
                 await super()._deferSetUp(result)  # type: ignore[misc]
             finally:
                 self._steps = None
+                from twisted.internet import reactor
+
+                # Bounded: an exit callback or a step that ignored its
+                # cancellation must not hang trial.
+                ended = steps.stop().addTimeout(self.getTimeout(), reactor)
                 try:
-                    await steps.stop()
+                    await ended
                 except BaseException:
                     result.addError(self, Failure())
                     self._passed = False
@@ -197,9 +202,10 @@ class _StepFiber:
             step = self._queue.popleft()
             if step is None:
                 return
+            # A step whose time ran out while it waited behind a step that
+            # overran its own still runs (clean-ups matter); stop() waits for
+            # it, within the test's timeout.
             f, out = step
-            if out.called:
-                continue  # timed out while queued: trial has moved on
             self._running = out
             try:
                 outcome = f()
@@ -243,12 +249,15 @@ class _StepFiber:
             _cancel_fiber(self.ended)
 
     def stop(self) -> Deferred[None]:
-        """End the fiber (its exit callbacks run); fires when it has ended."""
+        """
+        End the fiber (its exit callbacks run); the Deferred returned fires
+        when it has ended.
+        """
         self._push(None)
         if self._running is not None:
-            # A step ignored its cancellation and still runs: do not wait.
-            self.ended.cancel()
-            self.ended.addErrback(lambda _: None)
+            # A step that timed out is still running: cancel what it waits
+            # on now, once more.
+            _cancel_fiber(self.ended)
         return self.ended
 
 
