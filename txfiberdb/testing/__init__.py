@@ -137,8 +137,9 @@ class FiberTestCase(TestCase):
     ends, and the pool takes back what is still checked out.  A step that
     returns a Deferred has it waited on.  trial's ``timeout`` cancels the
     step running (:exc:`~twisted.internet.defer.CancelledError` where it
-    waits).  (On Twisted releases older than 23.8, whose trial lacks the hook
-    used, each step runs in a fiber of its own.)
+    waits).  (Needs Twisted 25.5 or later, whose trial runs a test through a
+    coroutine this class hooks; should that hook go away, each step runs in
+    a fiber of its own.)
     """
 
     _steps: Optional[_StepFiber] = None
@@ -164,7 +165,7 @@ class FiberTestCase(TestCase):
 
     def _run(self, *args: Any) -> Any:
         # trial's hook that runs setUp, the test method, tearDown and each
-        # cleanup: ``_run(func, description, result)`` (Twisted >= 23.8) or
+        # cleanup: ``_run(func, description, result)`` (Twisted >= 25.5) or
         # ``_run(methodName, result)`` (older).
         if callable(args[0]):
             steps = self._steps
