@@ -618,6 +618,21 @@ class CancellationTests(DatabaseTestCase):
             sleep(0.02)
         self.fail("the cancelled fiber kept the connection")
 
+    def cancel_a_sleep(self, conn, running=0.2):
+        """
+        Start ``pg_sleep(30)`` on ``conn`` in a fiber, cancel the fiber after
+        ``running`` seconds, check the query ends on the server and the
+        fiber lets go of ``conn``.
+        """
+        d = run_in_fiber(conn.cursor().execute, "SELECT pg_sleep(30)")
+        sleep(running)
+        self.assertEqual(self.active_sleeps(), 1)
+        d.cancel()
+        with self.assertRaises(CancelledError):
+            await_deferred(d)
+        self.assert_no_sleeps_soon()
+        self.settle(conn)
+
     def spy_on_pqcancel(self, conn):
         """Count the calls of libpq's blocking cancel on ``conn``."""
         calls = []
@@ -640,13 +655,7 @@ class CancellationTests(DatabaseTestCase):
         """The cancel goes through a connection the fiber waits on, not PQcancel."""
         conn = self.connect()
         pqcancels = self.spy_on_pqcancel(conn)
-        d = run_in_fiber(conn.cursor().execute, "SELECT pg_sleep(30)")
-        sleep(0.2)
-        d.cancel()
-        with self.assertRaises(CancelledError):
-            await_deferred(d)
-        self.assert_no_sleeps_soon()
-        self.settle(conn)
+        self.cancel_a_sleep(conn)
         self.assertEqual(pqcancels, [])
         conn.rollback()
 
@@ -667,14 +676,7 @@ class CancellationTests(DatabaseTestCase):
         conn = dbapi.connect(self.dsn, host="127.0.0.1", port=port)
         self.addCleanup(conn.close)
         pqcancels = self.spy_on_pqcancel(conn)
-        d = run_in_fiber(conn.cursor().execute, "SELECT pg_sleep(30)")
-        sleep(0.2)
-        self.assertEqual(self.active_sleeps(), 1)
-        d.cancel()
-        with self.assertRaises(CancelledError):
-            await_deferred(d)
-        self.assert_no_sleeps_soon()
-        self.settle(conn)
+        self.cancel_a_sleep(conn)
         self.assertEqual(pqcancels, [True])
         conn.rollback()
 
@@ -694,14 +696,7 @@ class CancellationTests(DatabaseTestCase):
         self.addCleanup(conn.close)
         with self.assertRaises(psycopg2.OperationalError):
             dbapi.connect(self.dsn, user=role).close()  # the limit holds
-        d = run_in_fiber(conn.cursor().execute, "SELECT pg_sleep(30)")
-        sleep(0.3)
-        self.assertEqual(self.active_sleeps(), 1)
-        d.cancel()
-        with self.assertRaises(CancelledError):
-            await_deferred(d)
-        self.assert_no_sleeps_soon()
-        self.settle(conn)
+        self.cancel_a_sleep(conn, running=0.3)
         conn.rollback()
         cur = conn.cursor()
         cur.execute("SELECT current_user")

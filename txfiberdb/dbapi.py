@@ -711,13 +711,6 @@ class Connection:
         (connecting, or the helper's query), nothing more is sent: the
         caller's grace timer gives the connection up.
         """
-        wire = self._wire
-        reactor = wire.reactor
-        pid = self._raw.get_backend_pid()
-        port = -1 if wire.local_port is None else wire.local_port
-        helper_dsn = psycopg2.extensions.make_dsn(
-            self._params, application_name="txfiberdb cancel"
-        )
         try:
             await_deferred(_cancel_helpers.acquire(), timeout=CANCEL_GRACE)
         except WaitTimeout:
@@ -726,60 +719,64 @@ class Connection:
             )
             return
         try:
-            try:
-                helper = connect(
-                    helper_dsn, connect_timeout=CANCEL_GRACE, reactor=reactor
-                )
-            except psycopg2.Error as e:
-                reason = str(e).strip()
-                if "(connect_timeout)" in reason:
-                    _log.warn(
-                        "no cancel sent: the server did not answer ({reason})",
-                        reason=reason,
-                    )
-                    return
-                cancelled = False
-            else:
-                expired = []
-
-                def expire() -> None:
-                    expired.append(True)
-                    helper.close()
-
-                timer = reactor.callLater(CANCEL_GRACE, expire)
-                try:
-                    helper.autocommit = True
-                    cur = helper.cursor()
-                    cur.execute(_CANCEL_BACKEND, (pid, port))
-                    cancelled = any(row[0] for row in cur.fetchall())
-                except psycopg2.Error as e:
-                    if expired:
-                        _log.warn(
-                            "no cancel sent: the server did not answer within "
-                            "{grace} s",
-                            grace=CANCEL_GRACE,
-                        )
-                        return
-                    reason = str(e).strip()
-                    cancelled = False
-                else:
-                    reason = "backend not found from a new connection"
-                finally:
-                    if timer.active():
-                        timer.cancel()
-                    helper.close()
+            fallback = self._cancel_from_helper()
         finally:
             _cancel_helpers.release()
-        if not cancelled and not self.closed:
+        if fallback is not None and not self.closed:
             _log.info(
                 "cancelling with PQcancel, which blocks the reactor for a round "
                 "trip to the server ({reason})",
-                reason=reason,
+                reason=fallback,
             )
             try:
                 self._raw.cancel()
             except psycopg2.Error:
                 pass
+
+    def _cancel_from_helper(self) -> Optional[str]:
+        """
+        Cancel this connection's backend from a new connection.  Returns why
+        ``PQcancel`` should do it instead, or None when nothing more is to be
+        sent (cancelled, or the server does not answer).
+        """
+        wire = self._wire
+        reactor = wire.reactor
+        pid = self._raw.get_backend_pid()
+        port = -1 if wire.local_port is None else wire.local_port
+        helper_dsn = psycopg2.extensions.make_dsn(
+            self._params, application_name="txfiberdb cancel"
+        )
+        try:
+            helper = connect(helper_dsn, connect_timeout=CANCEL_GRACE, reactor=reactor)
+        except psycopg2.Error as e:
+            reason = str(e).strip()
+            if "(connect_timeout)" in reason:
+                _log.warn(
+                    "no cancel sent: the server did not answer ({reason})",
+                    reason=reason,
+                )
+                return None
+            return reason
+        timer = reactor.callLater(CANCEL_GRACE, helper.close)
+        try:
+            helper.autocommit = True
+            cur = helper.cursor()
+            cur.execute(_CANCEL_BACKEND, (pid, port))
+            if any(row[0] for row in cur.fetchall()):
+                return None
+            return "backend not found from a new connection"
+        except psycopg2.Error as e:
+            if not timer.active():  # it closed the helper
+                _log.warn(
+                    "no cancel sent: the server did not answer within {grace} s",
+                    grace=CANCEL_GRACE,
+                )
+                return None
+            return str(e).strip()
+        finally:
+            if timer.active():
+                timer.cancel()
+            helper.close()
 
     def _begin_prefix(self) -> str:
         if self._autocommit or self.in_transaction:

@@ -17,7 +17,6 @@ Helpers for testing code that uses txfiberdb.
 
 from __future__ import annotations
 
-import collections
 import functools
 import inspect
 import os
@@ -25,7 +24,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Optional
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -186,8 +185,7 @@ class _StepFiber:
     """
 
     def __init__(self) -> None:
-        self._queue: collections.deque[Any] = collections.deque()
-        self._wake: Optional[Deferred[None]] = None
+        self._queue: DeferredQueue[Any] = DeferredQueue()
         self._running: Optional[Deferred[Any]] = None  # the step's Deferred
         self.ended: Deferred[None] = run_in_fiber(self._loop)
 
@@ -197,10 +195,7 @@ class _StepFiber:
         reactor: Any = _reactor
         fib: Any = current_fiber()
         while True:
-            if not self._queue:
-                self._wake = Deferred()
-                await_deferred(self._wake)
-            step = self._queue.popleft()
+            step = await_deferred(self._queue.get())
             if step is None:
                 return
             # A step whose time ran out while it waited behind a step that
@@ -220,12 +215,6 @@ class _StepFiber:
             # Reported from the hub: trial's own machinery runs there.
             reactor.callLater(0, _report, out, outcome)
 
-    def _push(self, item: Any) -> None:
-        self._queue.append(item)
-        wake, self._wake = self._wake, None
-        if wake is not None:
-            wake.callback(None)
-
     def runner(self, f: Callable[[], Any]) -> Callable[[], Deferred[Any]]:
         """``f`` as a trial step that runs in this fiber."""
 
@@ -238,7 +227,7 @@ class _StepFiber:
                 self._cancel_step(out)
                 return failure
 
-            self._push((f, out))
+            self._queue.put((f, out))
             out.addErrback(timed_out)
             return out
 
@@ -254,7 +243,7 @@ class _StepFiber:
         End the fiber (its exit callbacks run); the Deferred returned fires
         when it has ended.
         """
-        self._push(None)
+        self._queue.put(None)
         if self._running is not None:
             # A step that timed out is still running: cancel what it waits
             # on now, once more.
