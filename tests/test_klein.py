@@ -427,7 +427,7 @@ class SessionTests(KleinTestCase):
         self.assertEqual(self.http.get("/timeout").code, 503)
         warned = [e for e in events if e.get("failure_kind") == "database"]
         self.assertEqual(len(warned), 2)
-        self.assertIn("4 more like it", formatEvent(warned[1]))
+        self.assertIn("4 more like it in the last 10 s", formatEvent(warned[1]))
 
     def test_nul_in_input_is_400_not_500(self):
         """

@@ -583,8 +583,10 @@ def _server_name(params: str, raw: Any) -> str:
             pass
     if not host:
         parsed = psycopg2.extensions.parse_dsn(params)
-        host = parsed.get("hostaddr") or parsed.get("host") or os.environ.get(
-            "PGHOST", "/var/run/postgresql"
+        host = (
+            parsed.get("hostaddr")
+            or parsed.get("host")
+            or os.environ.get("PGHOST", "/var/run/postgresql")
         )
         port = parsed.get("port") or os.environ.get("PGPORT", "5432")
     if str(host).startswith("/"):

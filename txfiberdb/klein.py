@@ -84,6 +84,7 @@ __all__ = [
     "Conflict",
     "FiberRoutes",
     "HTTPError",
+    "LogSummary",
     "NotFound",
     "PayloadTooLarge",
     "RouteBusy",
@@ -142,35 +143,49 @@ class RouteBusy(HTTPError):
     code = 503
 
 
-class _Summary:
+class LogSummary:
     """
-    Logs expected failures as one line per kind and route per interval: the
-    first at once, the repeats counted into the next line of that kind.
+    Rate-limits log lines that repeat: of the lines with one key, the first
+    is logged at once, and the ones that follow within ``interval`` seconds
+    are counted into the next line with that key (``(37 more like it in the
+    last 10 s)``).  For expected failures during an outage, which would
+    otherwise write a line per request.
     """
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float = 10.0) -> None:
         self.interval = interval
-        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+        self._seen: dict[Any, tuple[float, int]] = {}
 
-    def warn(self, kind: str, route: str, what: str) -> None:
+    def admit(self, key: Any) -> Optional[int]:
+        """
+        None if a line with ``key`` is to be dropped (counted); else how many
+        were dropped since the last one logged.
+        """
         now = time.monotonic()
-        key = (kind, route)
         logged_at, repeats = self._seen.get(key, (None, 0))
         if logged_at is not None and now - logged_at < self.interval:
             self._seen[key] = (logged_at, repeats + 1)
-            return
+            return None
         self._seen[key] = (now, 0)
-        if repeats:
+        return repeats
+
+    def suffix(self, repeats: int) -> str:
+        """The text to append to a line that follows ``repeats`` dropped ones."""
+        if not repeats:
+            return ""
+        return f" ({repeats} more like it in the last {self.interval:g} s)"
+
+    def warn(self, kind: str, route: str, what: str) -> None:
+        """Log ``route: what`` at warn level, summarised per (kind, route)."""
+        repeats = self.admit((kind, route))
+        if repeats is not None:
             _log.warn(
-                "{route}: {what} ({repeats} more like it in the last {seconds:.0f} s)",
+                "{route}: {what}{repeated}",
                 route=route,
                 what=what,
-                repeats=repeats,
-                seconds=now - logged_at if logged_at is not None else 0,
+                repeated=self.suffix(repeats),
                 failure_kind=kind,
             )
-        else:
-            _log.warn("{route}: {what}", route=route, what=what, failure_kind=kind)
 
 
 def _first_line(error: Optional[BaseException]) -> str:
@@ -281,7 +296,7 @@ class FiberRoutes:
         self.app = app
         self.retry_after = retry_after
         self.on_response = on_response
-        self._summary = _Summary(summary_interval)
+        self._summary = LogSummary(summary_interval)
 
     def route(
         self,
