@@ -79,7 +79,10 @@ def to_url(dsn: str) -> str:
         dsn = "postgresql://" + dsn[len("postgres://") :]
     url = make_url(dsn)
     if url.get_backend_name() != "postgresql":
-        raise ValueError(f"not a PostgreSQL URL: {dsn}")
+        raise ValueError(
+            f"not a PostgreSQL URL (its scheme is {url.drivername!r}): use "
+            f"postgresql://user:password@host/dbname"
+        )
     return url.set(drivername="postgresql+txpostgres").render_as_string(
         hide_password=False
     )
