@@ -274,7 +274,7 @@ class TransactionTests(DatabaseTestCase):
         for level, name in [
             (psycopg2.extensions.ISOLATION_LEVEL_SERIALIZABLE, "serializable"),
             ("REPEATABLE READ", "repeatable read"),
-            ("read_committed", "read committed"),
+            ("read committed", "read committed"),
             (None, "read committed"),
         ]:
             conn.isolation_level = level
@@ -303,8 +303,8 @@ class TransactionTests(DatabaseTestCase):
 
     def test_unsupported_raise_clearly(self):
         conn = self.connect()
-        self.assertRaises(psycopg2.NotSupportedError, conn.tpc_begin, "x")
         self.assertRaises(psycopg2.NotSupportedError, conn.lobject)
+        self.assertRaises(psycopg2.NotSupportedError, conn.set_client_encoding, "latin1")
 
 
 class ExecuteManyTests(DatabaseTestCase):
@@ -618,13 +618,14 @@ class CancellationTests(DatabaseTestCase):
             sleep(0.02)
         self.fail("the cancelled fiber kept the connection")
 
-    def cancel_a_sleep(self, conn, running=0.2):
+    def cancel_a_sleep(self, conn, running=0.2, cursor=None):
         """
-        Start ``pg_sleep(30)`` on ``conn`` in a fiber, cancel the fiber after
-        ``running`` seconds, check the query ends on the server and the
-        fiber lets go of ``conn``.
+        Start ``pg_sleep(30)`` on ``conn`` (with ``cursor`` if given) in a
+        fiber, cancel the fiber after ``running`` seconds, check the query
+        ends on the server and the fiber lets go of ``conn``.
         """
-        d = run_in_fiber(conn.cursor().execute, "SELECT pg_sleep(30)")
+        cursor = cursor or conn.cursor()
+        d = run_in_fiber(cursor.execute, "SELECT pg_sleep(30)")
         sleep(running)
         self.assertEqual(self.active_sleeps(), 1)
         d.cancel()
@@ -654,8 +655,9 @@ class CancellationTests(DatabaseTestCase):
     def test_cancel_does_not_block_the_reactor(self):
         """The cancel goes through a connection the fiber waits on, not PQcancel."""
         conn = self.connect()
+        cursor = conn.cursor()  # a psycopg2 cursor: made before the spy
         pqcancels = self.spy_on_pqcancel(conn)
-        self.cancel_a_sleep(conn)
+        self.cancel_a_sleep(conn, cursor=cursor)
         self.assertEqual(pqcancels, [])
         conn.rollback()
 
@@ -675,8 +677,9 @@ class CancellationTests(DatabaseTestCase):
         port = start_proxy(self, target)
         conn = dbapi.connect(self.dsn, host="127.0.0.1", port=port)
         self.addCleanup(conn.close)
+        cursor = conn.cursor()
         pqcancels = self.spy_on_pqcancel(conn)
-        self.cancel_a_sleep(conn)
+        self.cancel_a_sleep(conn, cursor=cursor)
         self.assertEqual(pqcancels, [True])
         conn.rollback()
 
