@@ -417,6 +417,41 @@ def test_cursor_factories(db, named):
     conn.rollback()
 
 
+def test_connect_factories_are_never_ignored(db):
+    """
+    psycopg2.connect() takes cursor_factory and connection_factory.
+    txfiberdb.dbapi.connect() does not (yet) take them: it refuses them (libpq
+    rejects the unknown option), it never ignores them.  Use the connection's
+    ``cursor_factory`` attribute instead.
+    """
+    factory = psycopg2.extras.DictCursor
+    if db.name == "psycopg2":
+        conn = db.connect(cursor_factory=factory)
+        assert conn.cursor_factory is factory
+    else:
+        with pytest.raises(psycopg2.Error, match="cursor_factory"):
+            db.connect(cursor_factory=factory)
+        conn = db.connect()
+        conn.cursor_factory = factory
+    assert isinstance(conn.cursor(), factory)
+    if db.name == "txfiberdb":
+        with pytest.raises(psycopg2.Error, match="connection_factory"):
+            db.connect(connection_factory=psycopg2.extensions.connection)
+
+
+def test_refused_cursor_factories(db):
+    """psycopg2's logging and replication cursors need a kind of connection
+    that an asynchronous one cannot be: refused, with the reason."""
+    conn = db.connect()
+    if db.name == "txfiberdb":
+        for factory in (psycopg2.extras.LoggingCursor, psycopg2.extras.ReplicationCursor):
+            with pytest.raises(psycopg2.NotSupportedError, match=factory.__name__):
+                conn.cursor(cursor_factory=factory)
+    else:  # without a LoggingConnection psycopg2 fails at execute()
+        with pytest.raises(AttributeError):
+            conn.cursor(cursor_factory=psycopg2.extras.LoggingCursor).execute("SELECT 1")
+
+
 def test_cursor_factory_must_be_a_cursor_class(db):
     conn = db.connect()
     with pytest.raises(TypeError, match="cursor factory must be subclass"):

@@ -37,6 +37,16 @@ class ModuleTests(DatabaseTestCase):
         conn = self.connect()
         self.assertIs(conn.Error, psycopg2.Error)
 
+    def test_psycopg2_namespaces(self):
+        """psycopg2's companion modules are the driver's, as attributes and
+        as modules (code written for psycopg2 imports ``<driver>.extensions``)."""
+        import importlib
+
+        for name in ("extensions", "extras", "errors", "sql", "tz"):
+            module = importlib.import_module(f"txfiberdb.dbapi.{name}")
+            self.assertIs(module, importlib.import_module(f"psycopg2.{name}"))
+            self.assertIs(getattr(dbapi, name), module)
+
     def test_connect_outside_fiber(self):
         d = run_in_fiber(lambda: None)  # keep the test itself in a fiber
         await_deferred(d)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
@@ -49,6 +50,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 import psycopg2.sql
+import psycopg2.tz
 from psycopg2 import (  # noqa: F401  (re-exported, PEP 249)
     BINARY,
     DATETIME,
@@ -113,9 +115,19 @@ __all__ = [
 apilevel = "2.0"
 threadsafety = 1
 paramstyle = "pyformat"
+# psycopg2's companion modules, as the driver's own: code written for psycopg2
+# finds ``<driver>.extensions``, ``.extras``, ``.errors``, ``.sql``, ``.tz``
+# here, as attributes and as modules (``import txfiberdb.dbapi.extensions``
+# works, the way ``import os.path`` does).  They are psycopg2's, unchanged:
+# what takes a connection takes a txfiberdb cursor or ``raw_connection``
+# (doc/howto/driver.md lists which).
 extensions = psycopg2.extensions
 extras = psycopg2.extras
 errors = psycopg2.errors
+sql = psycopg2.sql
+tz = psycopg2.tz
+for _name in ("extensions", "extras", "errors", "sql", "tz"):
+    sys.modules.setdefault(f"{__name__}.{_name}", getattr(psycopg2, _name))
 __version__ = psycopg2.__version__
 
 _log = Logger(namespace="txfiberdb.dbapi")
