@@ -14,13 +14,19 @@ psycopg2; this module hides the differences:
   read-only and deferrable settings of :meth:`Connection.set_session`) is sent
   in the same round trip as the first statement of a transaction; ``commit()``
   and ``rollback()`` send ``COMMIT``/``ROLLBACK``.  ``autocommit = True``
-  sends no ``BEGIN``.
+  sends no ``BEGIN`` (but ``with conn:`` does, as in psycopg2 2.9), and sends
+  the session settings as the server's ``default_transaction_*``.
+- Cursors are psycopg2 cursors whose ``execute`` parks the fiber: results,
+  ``scroll``, ``tzinfo_factory``, ``cursor_factory`` (``DictCursor``, ...) and
+  psycopg2's functions that take a cursor work as in psycopg2.
+- Two-phase commit (``xid``, ``tpc_*``) with ``PREPARE TRANSACTION``.
 - ``executemany`` sends a whole batch per round trip: ``INSERT ... VALUES``
   becomes one multi-row ``INSERT`` (exact ``rowcount``); other statements are
   sent as pages of ``;``-joined statements (``rowcount`` is then -1, as PEP
   249 allows).
 - Named (server-side) cursors are ``DECLARE``/``FETCH`` inside the
-  transaction, fetched in batches of ``itersize`` rows.
+  transaction, fetched in batches of ``itersize`` rows; a named cursor never
+  executed reads one declared elsewhere (a ``refcursor``).
 - COPY would wedge an asynchronous connection for good: it is refused before
   anything is sent.
 - ``connect_timeout`` is enforced with a reactor timer.
@@ -32,7 +38,7 @@ psycopg2; this module hides the differences:
   nothing is logged as an unhandled error.
 
 Errors are psycopg2's own classes, so ``except psycopg2.IntegrityError`` keeps
-working.  Types are converted as psycopg2 converts them (json, jsonb, uuid,
+working.  What still differs from psycopg2, and why: doc/howto/driver.md.  Types are converted as psycopg2 converts them (json, jsonb, uuid,
 arrays, numeric, ranges, ...); hstore after :meth:`Connection.register_hstore`.
 """
 
