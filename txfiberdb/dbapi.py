@@ -38,8 +38,9 @@ psycopg2; this module hides the differences:
   nothing is logged as an unhandled error.
 
 Errors are psycopg2's own classes, so ``except psycopg2.IntegrityError`` keeps
-working.  What still differs from psycopg2, and why: doc/howto/driver.md.  Types are converted as psycopg2 converts them (json, jsonb, uuid,
+working.  Types are converted as psycopg2 converts them (json, jsonb, uuid,
 arrays, numeric, ranges, ...); hstore after :meth:`Connection.register_hstore`.
+What still differs from psycopg2, and why: doc/howto/driver.md.
 """
 
 from __future__ import annotations
