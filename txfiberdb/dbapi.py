@@ -584,6 +584,7 @@ class Connection:
         self._tpc_xid: Any = None  # the Xid of tpc_begin()
         self._tpc_prepared = False  # after tpc_prepare()
         self._closed_by_user = False
+        self._gucs: set[str] = set()  # default_transaction_* we set (autocommit)
         # Dropped without close(): the reactor's reader and the server's
         # backend would otherwise outlive it for as long as the process.
         self._finalizer = weakref.finalize(self, _close_forgotten, wire)
@@ -758,12 +759,10 @@ class Connection:
                 if key in changes:
                     gucs.append((guc, _GUC_STATE[changes[key]]))
         elif self._autocommit:
-            if self._isolation_level is not None:
-                gucs.append(("default_transaction_isolation", "default"))
-            if self._readonly is not None:
-                gucs.append(("default_transaction_read_only", "default"))
-            if self._deferrable is not None:
-                gucs.append(("default_transaction_deferrable", "default"))
+            # psycopg2 resets every non-default one; those never sent are at
+            # their default already (so toggling autocommit, as pool pings
+            # do, costs no round trip).
+            gucs.extend((name, "default") for name in sorted(self._gucs))
         if gucs:
             sql = ";".join(
                 f"SET {name} TO DEFAULT"
@@ -773,6 +772,11 @@ class Connection:
             )
             raw = self._control_cursor()
             self._run(lambda: raw.execute(sql))
+            for name, value in gucs:
+                if value == "default":
+                    self._gucs.discard(name)
+                else:
+                    self._gucs.add(name)
         if "autocommit" in changes:
             self._autocommit = changes["autocommit"]
         if "isolation_level" in changes:
@@ -1271,6 +1275,11 @@ class Cursor(_PGCursor):
     """
 
     def __init__(self, connection: Connection, name: Optional[str] = None) -> None:
+        if name is not None:
+            raise ProgrammingError(
+                f"Cursor() makes client-side cursors: for a named one, call "
+                f"connection.cursor({name!r})"
+            )
         super().__init__(connection._raw)
         self._conn = connection
         self._rowcount_override: Optional[int] = None
