@@ -594,7 +594,13 @@ class Connection:
 
     @property
     def raw_connection(self) -> Any:
-        """The underlying asynchronous psycopg2 connection (for type set-up)."""
+        """
+        The underlying asynchronous psycopg2 connection, for psycopg2's
+        functions that want a psycopg2 connection (``register_type``,
+        ``extras.register_uuid``, ``quote_ident``, ``sql.Composable.as_string``;
+        doc/howto/driver.md lists them).  Run no queries on it: they would
+        not wait for the server.
+        """
         return self._raw
 
     @property
