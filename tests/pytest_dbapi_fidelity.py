@@ -200,6 +200,43 @@ def test_settings_refused_inside_a_transaction(db):
             change()
 
 
+# -- attributes and documented differences ----------------------------------
+
+
+def test_defaults_and_attributes(db):
+    conn = db.connect()
+    assert (conn.autocommit, conn.isolation_level) == (False, None)
+    assert (conn.readonly, conn.deferrable) == (None, None)
+    assert conn.closed == 0
+    cur = conn.cursor()
+    assert cur.connection is conn
+    assert (cur.name, cur.withhold, cur.scrollable) == (None, False, None)
+    assert (cur.arraysize, cur.itersize, cur.rowcount) == (1, 2000, -1)
+    named = conn.cursor("attrs", withhold=True, scrollable=False)
+    assert (named.name, named.withhold, named.scrollable) == ("attrs", True, False)
+    conn.close()
+    assert cur.closed and named.closed
+
+
+def test_sql_commit_ends_the_transaction_for_the_driver_only(db):
+    """
+    A documented difference: COMMIT sent as SQL.  psycopg2 still believes its
+    transaction open and sends no BEGIN before the next statements (each then
+    runs in a transaction of its own); txfiberdb follows the server and begins
+    a new transaction.
+    """
+    conn = db.connect()
+    cur = conn.cursor()
+    cur.execute("SELECT 1")
+    cur.execute("COMMIT")
+    cur.execute("SELECT txid_current()")
+    first = cur.fetchone()[0]
+    cur.execute("SELECT txid_current()")
+    same = cur.fetchone()[0] == first
+    assert same is (db.name == "txfiberdb")
+    conn.rollback()
+
+
 # -- execute ------------------------------------------------------------------
 
 
@@ -210,6 +247,21 @@ def test_empty_query(db, autocommit, query):
     conn.autocommit = autocommit
     with pytest.raises(psycopg2.ProgrammingError, match="can't execute an empty query"):
         conn.cursor().execute(query)
+
+
+def test_comment_only_query(db):
+    """A documented difference: outside autocommit the BEGIN sent in front of
+    a comment-only query makes the message non-empty, so the server runs it."""
+    conn = db.connect()
+    if db.name == "psycopg2":
+        with pytest.raises(psycopg2.ProgrammingError, match="empty query"):
+            conn.cursor().execute("-- nothing")
+    else:
+        conn.cursor().execute("-- nothing")
+    conn.rollback()
+    conn.autocommit = True  # no BEGIN in front: as psycopg2
+    with pytest.raises(psycopg2.ProgrammingError, match="empty query"):
+        conn.cursor().execute("-- nothing")
 
 
 # -- closed connections -------------------------------------------------------
