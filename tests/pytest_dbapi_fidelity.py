@@ -25,6 +25,19 @@ from txfiberdb.testing import create_database, drop_database
 def dsn():
     dsn = create_database("txfiberdb_fidelity")
     yield dsn
+    # A failed two-phase test may leave a prepared transaction, which would
+    # keep the database from being dropped.
+    conn = psycopg2.connect(dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()"
+            )
+            for (gid,) in cur.fetchall():
+                cur.execute("ROLLBACK PREPARED %s", (gid,))
+    finally:
+        conn.close()
     drop_database(dsn)
 
 
