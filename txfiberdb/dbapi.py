@@ -248,7 +248,7 @@ def _sql_text(sql: Any, raw: Any) -> Any:
             f"a query must be str, bytes or psycopg2.sql.Composable, not "
             f"{type(sql).__name__}"
         )
-    if not sql.strip():
+    if not sql or sql.isspace():
         raise ProgrammingError("can't execute an empty query")
     return sql
 
