@@ -1287,7 +1287,7 @@ class Cursor(_PGCursor):
                 f"connection.cursor({name!r})"
             )
         super().__init__(connection._raw)
-        self.scrollable = None  # as psycopg2's cursor() leaves it (C: 0)
+        self.scrollable: Optional[bool] = None  # as psycopg2's cursor() does
         self._conn = connection
         self._rowcount_override: Optional[int] = None
 
