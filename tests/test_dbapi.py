@@ -37,6 +37,16 @@ class ModuleTests(DatabaseTestCase):
         conn = self.connect()
         self.assertIs(conn.Error, psycopg2.Error)
 
+    def test_psycopg2_namespaces(self):
+        """psycopg2's companion modules are the driver's, as attributes and
+        as modules (code written for psycopg2 imports ``<driver>.extensions``)."""
+        import importlib
+
+        for name in ("extensions", "extras", "errors", "sql", "tz"):
+            module = importlib.import_module(f"txfiberdb.dbapi.{name}")
+            self.assertIs(module, importlib.import_module(f"psycopg2.{name}"))
+            self.assertIs(getattr(dbapi, name), module)
+
     def test_connect_outside_fiber(self):
         d = run_in_fiber(lambda: None)  # keep the test itself in a fiber
         await_deferred(d)
@@ -318,7 +328,7 @@ class TransactionTests(DatabaseTestCase):
         for level, name in [
             (psycopg2.extensions.ISOLATION_LEVEL_SERIALIZABLE, "serializable"),
             ("REPEATABLE READ", "repeatable read"),
-            ("read_committed", "read committed"),
+            ("read committed", "read committed"),
             (None, "read committed"),
         ]:
             conn.isolation_level = level
@@ -347,8 +357,8 @@ class TransactionTests(DatabaseTestCase):
 
     def test_unsupported_raise_clearly(self):
         conn = self.connect()
-        self.assertRaises(psycopg2.NotSupportedError, conn.tpc_begin, "x")
         self.assertRaises(psycopg2.NotSupportedError, conn.lobject)
+        self.assertRaises(psycopg2.NotSupportedError, conn.set_client_encoding, "latin1")
 
 
 class ExecuteManyTests(DatabaseTestCase):
@@ -740,13 +750,14 @@ class CancellationTests(DatabaseTestCase):
             sleep(0.02)
         self.fail("the cancelled fiber kept the connection")
 
-    def cancel_a_sleep(self, conn, running=0.2):
+    def cancel_a_sleep(self, conn, running=0.2, cursor=None):
         """
-        Start ``pg_sleep(30)`` on ``conn`` in a fiber, cancel the fiber after
-        ``running`` seconds, check the query ends on the server and the
-        fiber lets go of ``conn``.
+        Start ``pg_sleep(30)`` on ``conn`` (with ``cursor`` if given) in a
+        fiber, cancel the fiber after ``running`` seconds, check the query
+        ends on the server and the fiber lets go of ``conn``.
         """
-        d = run_in_fiber(conn.cursor().execute, "SELECT pg_sleep(30)")
+        cursor = cursor or conn.cursor()
+        d = run_in_fiber(cursor.execute, "SELECT pg_sleep(30)")
         sleep(running)
         self.assertEqual(self.active_sleeps(), 1)
         d.cancel()
@@ -776,8 +787,9 @@ class CancellationTests(DatabaseTestCase):
     def test_cancel_does_not_block_the_reactor(self):
         """The cancel goes through a connection the fiber waits on, not PQcancel."""
         conn = self.connect()
+        cursor = conn.cursor()  # a psycopg2 cursor: made before the spy
         pqcancels = self.spy_on_pqcancel(conn)
-        self.cancel_a_sleep(conn)
+        self.cancel_a_sleep(conn, cursor=cursor)
         self.assertEqual(pqcancels, [])
         conn.rollback()
 
@@ -797,8 +809,9 @@ class CancellationTests(DatabaseTestCase):
         port = start_proxy(self, target)
         conn = dbapi.connect(self.dsn, host="127.0.0.1", port=port)
         self.addCleanup(conn.close)
+        cursor = conn.cursor()
         pqcancels = self.spy_on_pqcancel(conn)
-        self.cancel_a_sleep(conn)
+        self.cancel_a_sleep(conn, cursor=cursor)
         self.assertEqual(pqcancels, [True])
         conn.rollback()
 
