@@ -56,6 +56,11 @@ class ModuleTests(DatabaseTestCase):
         with self.assertRaises(psycopg2.OperationalError) as ctx:
             dbapi.connect(host="127.0.0.1", port=number, user="x", dbname="x")
         self.assertIn("refused", str(ctx.exception).lower())
+        # As libpq's own messages do, it names the server.
+        self.assertIn(
+            f'connection to server at "127.0.0.1", port {number} failed',
+            str(ctx.exception),
+        )
 
     def test_connect_timeout(self):
         """A server that accepts and never answers: our own timer fires."""
@@ -71,6 +76,7 @@ class ModuleTests(DatabaseTestCase):
                 connect_timeout=0.3,
             )
         self.assertIn("timed out", str(ctx.exception))
+        self.assertIn(f"port {port.getHost().port}", str(ctx.exception))
         # From the DSN too, and as a string (a SQLAlchemy URL's query).
         with self.assertRaises(psycopg2.OperationalError):
             dbapi.connect(
@@ -80,6 +86,44 @@ class ModuleTests(DatabaseTestCase):
             dbapi.connect(
                 host="127.0.0.1", port=port.getHost().port, connect_timeout="0.3"
             )
+
+    def test_default_connect_timeout(self):
+        """With no connect_timeout anywhere, DEFAULT_CONNECT_TIMEOUT applies."""
+        silent = protocol.ServerFactory.forProtocol(protocol.Protocol)
+        port = reactor.listenTCP(0, silent, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.patch(dbapi, "DEFAULT_CONNECT_TIMEOUT", 0.3)
+        with self.assertRaises(psycopg2.OperationalError) as ctx:
+            dbapi.connect(host="127.0.0.1", port=port.getHost().port, user="x")
+        self.assertIn("timed out after 0.3 s", str(ctx.exception))
+
+    def test_connect_to_stopping_and_starting_server(self):
+        """
+        Connecting while a server shuts down or starts up fails with the
+        server's reason and logs nothing as unhandled (txpostgres's own
+        connect cycle raised into the reactor when libpq dropped its socket
+        half-way).
+        """
+        pg = TemporaryPostgres().start()
+        self.addCleanup(pg.stop)
+        outcomes = []
+
+        def attempt():
+            try:
+                dbapi.connect(pg.dsn(), connect_timeout=2).close()
+                outcomes.append("ok")
+            except psycopg2.OperationalError as e:
+                outcomes.append(str(e))
+
+        attempts = [run_in_fiber(attempt) for _ in range(20)]
+        pg.restart()  # blocking: the attempts are in flight meanwhile
+        attempts += [run_in_fiber(attempt) for _ in range(20)]
+        for d in attempts:
+            await_deferred(d)
+        self.assertEqual(len(outcomes), 40)
+        for outcome in outcomes:
+            if outcome != "ok":
+                self.assertIn("connection to server", outcome)
 
     def test_dropped_connection_is_closed(self):
         """A connection garbage-collected while open does not linger."""
@@ -472,6 +516,41 @@ class TypeTests(DatabaseTestCase):
         self.assertFalse(self.connect().register_hstore())
 
 
+class UnstorableValueTests(DatabaseTestCase):
+    """
+    Values PostgreSQL cannot store are refused before anything is sent, as
+    psycopg2 does, but as a DataError (still a ValueError).
+    """
+
+    def check(self, value):
+        conn = self.connect()
+        cur = conn.cursor()
+        for run in (
+            lambda: cur.execute("SELECT %s", (value,)),
+            lambda: cur.executemany("SELECT %s", [("ok",), (value,)]),
+            lambda: conn.cursor("named").execute("SELECT %s", (value,)),
+        ):
+            with self.assertRaises(psycopg2.DataError) as ctx:
+                run()
+            self.assertIsInstance(ctx.exception, ValueError)
+            self.assertNotIn(value, str(ctx.exception))  # no data in messages
+            conn.rollback()
+        cur.execute("SELECT 1")  # the connection is fine
+        self.assertEqual(cur.fetchone(), (1,))
+
+    def test_nul_character(self):
+        self.check("secret\x00name")
+
+    def test_unpaired_surrogate(self):
+        self.check("secret\ud800name")
+
+    def test_other_value_errors_unchanged(self):
+        cur = self.connect().cursor()
+        with self.assertRaises(ValueError) as ctx:
+            cur.execute("SELECT %s %y", (1, 2))  # a programming error
+        self.assertNotIsInstance(ctx.exception, psycopg2.DataError)
+
+
 class FaultTests(DatabaseTestCase):
     def pid_of(self, conn):
         cur = conn.cursor()
@@ -481,15 +560,58 @@ class FaultTests(DatabaseTestCase):
         return pid
 
     def test_backend_killed_while_idle(self):
+        """
+        check_alive() learns that the server ended an idle connection
+        without a round trip; the connection then reports itself closed.
+        """
         conn = self.connect()
         pid = self.pid_of(conn)
+        self.assertTrue(conn.check_alive())
         self.admin("SELECT pg_terminate_backend(%s)", (pid,))
-        sleep(0.2)  # the reactor sees the socket close while idle
+        sleep(0.2)  # the server's goodbye reaches our socket
+        self.assertFalse(conn.check_alive())
         self.assertTrue(conn.closed)
         with self.assertRaises(psycopg2.InterfaceError) as ctx:
             conn.cursor().execute("SELECT 1")
-        self.assertIn("closed", str(ctx.exception))
+        self.assertIn("the server ended it while it was idle", str(ctx.exception))
         # Nothing logged as an unhandled error: trial would fail the test.
+
+    def test_backend_killed_while_idle_then_used(self):
+        """
+        Used without a check, a connection the server ended while idle fails
+        as psycopg2's does (OperationalError), then reports itself closed.
+        """
+        conn = self.connect()
+        pid = self.pid_of(conn)
+        self.admin("SELECT pg_terminate_backend(%s)", (pid,))
+        sleep(0.2)
+        with self.assertRaises(psycopg2.OperationalError):
+            conn.cursor().execute("SELECT 1")
+        self.assertTrue(conn.closed)
+        with self.assertRaises(psycopg2.InterfaceError):
+            conn.cursor().execute("SELECT 1")
+
+    def test_idle_connection_not_watched(self):
+        """
+        Outside a transaction, with no NOTIFY observer, a connection is not a
+        reactor selectable (trial's clean-reactor check, pooled connections
+        shared by tests); inside one, and with observers, it is.
+        """
+        conn = self.connect()
+        wire = conn._wire
+        cur = conn.cursor()
+        cur.execute("SELECT 1")  # opens a transaction
+        self.assertIn(wire, reactor.getReaders())
+        conn.rollback()
+        self.assertNotIn(wire, reactor.getReaders())
+        conn.autocommit = True
+        cur.execute("SELECT 1")
+        self.assertNotIn(wire, reactor.getReaders())
+        observer = lambda n: None  # noqa: E731
+        conn.add_notify_observer(observer)
+        self.assertIn(wire, reactor.getReaders())
+        conn.remove_notify_observer(observer)
+        self.assertNotIn(wire, reactor.getReaders())
 
     def test_backend_killed_mid_query(self):
         conn = self.connect()

@@ -38,8 +38,10 @@ arrays, numeric, ranges, ...); hstore after :meth:`Connection.register_hstore`.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import select
 import socket
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -80,7 +82,7 @@ from psycopg2.extensions import (
     TRANSACTION_STATUS_IDLE,
     TRANSACTION_STATUS_UNKNOWN,
 )
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import txpostgres
@@ -97,9 +99,11 @@ from txfiberdb.fiber import (
 )
 
 __all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
     "Connection",
     "Cursor",
     "ServerCursor",
+    "UnstorableValueError",
     "apilevel",
     "connect",
     "paramstyle",
@@ -115,6 +119,10 @@ errors = psycopg2.errors
 __version__ = psycopg2.__version__
 
 _log = Logger(namespace="txfiberdb.dbapi")
+
+#: Seconds :func:`connect` waits for a connection when neither its
+#: ``connect_timeout`` argument nor the DSN says (libpq waits for ever).
+DEFAULT_CONNECT_TIMEOUT = 10.0
 
 #: How long to wait for the server to confirm a cancel before giving the
 #: connection up (seconds).
@@ -173,6 +181,49 @@ class _CancelUnconfirmed(Exception):
     """The server did not answer a cancel within CANCEL_GRACE."""
 
 
+class UnstorableValueError(DataError, ValueError):
+    """
+    A parameter PostgreSQL cannot store: a NUL character in text, or a
+    string that is not valid Unicode (an unpaired surrogate).  psycopg2
+    raises a bare ``ValueError`` before anything is sent; this is that
+    ``ValueError`` and also a DB-API ``DataError``, so SQLAlchemy raises its
+    ``DataError`` (a client's bad input, not a server fault).
+    """
+
+
+def _is_unstorable(error: ValueError) -> bool:
+    return isinstance(error, UnicodeEncodeError) or "NUL (0x00)" in str(error)
+
+
+def _unstorable(error: ValueError) -> UnstorableValueError:
+    what = (
+        "text that is not valid Unicode (an unpaired surrogate)"
+        if isinstance(error, UnicodeEncodeError)
+        else "a NUL (0x00) character in text"
+    )
+    return UnstorableValueError(
+        f"a query parameter cannot be sent to PostgreSQL: {what}, which "
+        f"PostgreSQL cannot store; reject or clean such input first"
+    )
+
+
+def _refusing_unstorable(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn psycopg2's ValueError for unstorable parameters into a DataError."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except UnstorableValueError:
+            raise
+        except ValueError as e:
+            if _is_unstorable(e):
+                raise _unstorable(e) from None
+            raise
+
+    return wrapper
+
+
 def _sql_text(sql: Any, raw: Any) -> Any:
     """``sql`` as str or bytes: a ``psycopg2.sql`` Composable is rendered."""
     if isinstance(sql, (str, bytes)):
@@ -195,10 +246,18 @@ def _refuse_copy(sql: Any) -> None:
 class _Wire(txpostgres.Connection):
     """
     txpostgres's Connection, with a lean path for a connection that one fiber
-    owns at a time: the reader stays registered, one poll per readable event,
-    no lock and no extra reactor turn per result.  Connecting, closing and
-    NOTIFY delivery are txpostgres's own.
+    owns at a time: one poll per readable event, no lock and no extra reactor
+    turn per result.  Closing and NOTIFY delivery are txpostgres's own.
+
+    The socket is watched by the reactor only while it matters: while a
+    query runs, while a transaction is open, and while NOTIFY observers are
+    registered.  An idle connection in a pool is not a reactor selectable
+    (trial's clean-reactor check, a pool shared by many tests); whatever the
+    server sent it meanwhile (its end, most often) is read by
+    :meth:`check_idle`, without a round trip.
     """
+
+    _pollingD: Optional[Deferred[Any]]
 
     def __init__(self, reactor: Any) -> None:
         super().__init__(reactor=reactor)
@@ -206,8 +265,53 @@ class _Wire(txpostgres.Connection):
         self.fiber: Any = None  # the fiber parked on it
         self.outcome: Any = None  # its outcome, when nobody was parked
         self.lost: Optional[str] = None
+        self.watching = False  # the socket is registered with the reactor
         self._fd = -1
         self.local_port: Optional[int] = None  # our end's TCP port
+
+    # -- connecting: our own poll cycle (txpostgres's raises into the reactor
+    # when libpq drops its socket half-way, e.g. while a server starts or
+    # stops: "file descriptor cannot be a negative integer") -------------------
+
+    def connect(self, params: str) -> Deferred[Any]:  # type: ignore[override]
+        """Start connecting; the Deferred fires with self, or fails."""
+        try:
+            self._connection = psycopg2.connect(params, async_=True)
+        except BaseException:
+            return fail()
+        d: Deferred[Any] = Deferred()
+        self._pollingD = d
+        self._connect_step()
+        return d
+
+    def _connect_step(self) -> None:
+        d = self._pollingD
+        if d is None:
+            return
+        try:
+            state = self._connection.poll()
+            if state == POLL_OK:
+                self._pollingD = None
+                d.callback(self)
+                return
+            if state not in (POLL_READ, POLL_WRITE):
+                raise OperationalError(f"unexpected poll() result {state!r}")
+            if self._connection.closed or self._connection.fileno() < 0:
+                raise OperationalError("the server closed the connection")
+            if state == POLL_READ:
+                self.reactor.addReader(self)
+            else:
+                self.reactor.addWriter(self)
+        except BaseException:
+            self._pollingD = None
+            self._unwatch_connecting()
+            d.errback(Failure())
+
+    def _unwatch_connecting(self) -> None:
+        self.reactor.removeReader(self)
+        self.reactor.removeWriter(self)
+
+    # -- connected -----------------------------------------------------------
 
     def adopt_socket(self) -> None:
         """
@@ -217,9 +321,8 @@ class _Wire(txpostgres.Connection):
         number may be reused by the next connection).  Our duplicate stays
         valid until :meth:`_forget` unregisters and closes it.
         """
-        self.reactor.removeReader(self)
+        self._unwatch_connecting()
         self._fd = os.dup(self._connection.fileno())
-        self.reactor.addReader(self)
         try:
             with socket.socket(fileno=os.dup(self._fd)) as sock:
                 local = sock.getsockname()
@@ -232,8 +335,45 @@ class _Wire(txpostgres.Connection):
             return self._fd
         return super().fileno()  # type: ignore[no-any-return]
 
+    def watch(self) -> None:
+        if not self.watching and self._fd >= 0:
+            self.watching = True
+            self.reactor.addReader(self)
+
+    def unwatch_if_idle(self) -> None:
+        """Stop watching the socket if nothing needs it watched."""
+        if (
+            self.watching
+            and not self.busy
+            and not self._notifyObservers
+            and self._connection.get_transaction_status() == TRANSACTION_STATUS_IDLE
+        ):
+            self.watching = False
+            self.reactor.removeReader(self)
+
+    def check_idle(self) -> bool:
+        """
+        Whether the connection is usable, learnt without a round trip: when
+        the socket is not watched, read what the server sent meanwhile (a
+        notice, a NOTIFY, or the end of the connection).
+        """
+        if self._connection.closed or self._fd < 0:
+            return False
+        if self.watching or self.busy:
+            return True  # the reactor reads it as it comes
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        # The server's goodbye is an error message (read as a notice), then
+        # the end of the stream: a few reads, while there is something.
+        for _ in range(4):
+            if self._fd < 0 or not poller.poll(0):
+                break
+            self._read_idle()
+        return not self._connection.closed and self._fd >= 0
+
     def close(self) -> None:
         if self._fd < 0:
+            self._unwatch_connecting()
             super().close()  # still connecting: txpostgres's own
             return
         self._forget()
@@ -244,6 +384,7 @@ class _Wire(txpostgres.Connection):
         """Drive the query just sent; whether it is still in progress."""
         self.busy = True
         self.outcome = None
+        self.watch()
         self._advance()
         return self.busy
 
@@ -278,38 +419,47 @@ class _Wire(txpostgres.Connection):
         self.busy = False
         if self._connection.closed and self._fd >= 0:
             self._forget()
+        elif self._fd >= 0:
+            self.unwatch_if_idle()
         fib, self.fiber = self.fiber, None
         if fib is not None:
             unpark(fib, result)
         else:
             self.outcome = result
 
+    def _read_idle(self) -> None:
+        # Idle: a NOTIFY, a notice, or the server ending the connection.
+        try:
+            self._connection.poll()
+        except psycopg2.Error as e:
+            self.lost = str(e).strip() or e.__class__.__name__
+            _log.info(
+                "connection to PostgreSQL lost while idle: {reason}",
+                reason=self.lost.splitlines()[0],
+            )
+            self._forget()
+            return
+        if self._connection.closed:
+            self.lost = "the server closed the connection"
+            self._forget()
+
     def doRead(self) -> None:
-        if self._pollingD is not None:  # connecting: txpostgres's own cycle
-            super().doRead()
+        if self._pollingD is not None:  # connecting
+            self.reactor.removeReader(self)
+            self._connect_step()
             return
         if self.busy:
             self._advance()
         elif not self._connection.closed:
-            # Idle: a NOTIFY, a notice, or the server ending the connection.
-            try:
-                self._connection.poll()
-            except psycopg2.Error as e:
-                self.lost = str(e).strip() or e.__class__.__name__
-                _log.info(
-                    "connection to PostgreSQL lost while idle: {reason}",
-                    reason=self.lost,
-                )
-                self._forget()
-                return
+            self._read_idle()
         if self._connection.notifies:
             self.checkForNotifies()
 
     def doWrite(self) -> None:
-        if self._pollingD is not None:
-            super().doWrite()
-            return
         self.reactor.removeWriter(self)
+        if self._pollingD is not None:  # connecting
+            self._connect_step()
+            return
         if self.busy:
             self._advance()
 
@@ -328,6 +478,7 @@ class _Wire(txpostgres.Connection):
         if self._fd >= 0:
             self.reactor.removeReader(self)
             self.reactor.removeWriter(self)
+            self.watching = False
             os.close(self._fd)
             self._fd = -1
         if not self._connection.closed:
@@ -346,23 +497,31 @@ def connect(
     :param dsn: a libpq connection string or URL; keyword arguments (``host``,
         ``port``, ``user``, ``password``, ``dbname``, any libpq parameter) add
         to or override it.
-    :param connect_timeout: seconds; also read from the DSN.  psycopg2
-        ignores it for asynchronous connections, so a reactor timer enforces
-        it here (``OperationalError`` when it expires).
+    :param connect_timeout: seconds for the whole connection attempt; also
+        read from the DSN; :data:`DEFAULT_CONNECT_TIMEOUT` (10 s) when given
+        nowhere, 0 for no limit.  psycopg2 ignores it for asynchronous
+        connections, so a reactor timer enforces it here
+        (``OperationalError`` when it expires).
+    :raise OperationalError: the server cannot be reached, refused the
+        connection or did not answer in time; the message names the host and
+        port, as libpq's do.
     :raise NotInFiberError: outside a fiber.
     """
     if not in_fiber():
         raise NotInFiberError(
             "txfiberdb.dbapi.connect() called outside a fiber: it waits for the "
             "server. Call it from code started with txfiberdb.run_in_fiber() "
-            "or @txfiberdb.fibered."
+            "or @txfiberdb.fibered (or from blocking code, through "
+            "txfiberdb.run_blocking())."
         )
     if reactor is None:
         from twisted.internet import reactor
     params = psycopg2.extensions.make_dsn(dsn, **kwargs)
     if connect_timeout is None:
         from_dsn = psycopg2.extensions.parse_dsn(params).get("connect_timeout")
-        connect_timeout = float(from_dsn) if from_dsn else None
+        connect_timeout = (
+            float(from_dsn) if from_dsn is not None else DEFAULT_CONNECT_TIMEOUT
+        )
     elif isinstance(connect_timeout, str):  # from a URL's query string
         connect_timeout = float(connect_timeout)
     wire = _Wire(reactor)
@@ -381,10 +540,12 @@ def connect(
         if outcome == ["timeout"]:
             r = Failure(
                 OperationalError(
-                    f"connection to server timed out after {connect_timeout} s "
-                    f"(connect_timeout)"
+                    f"{_server_name(params, wire._connection)} failed: timed out "
+                    f"after {connect_timeout:g} s (connect_timeout)"
                 )
             )
+        elif isinstance(r, Failure) and r.check(psycopg2.OperationalError):
+            r = Failure(_with_server_name(r.value, params, wire._connection))  # type: ignore[arg-type]
         if isinstance(r, Failure):
             result.errback(r)
         else:
@@ -410,6 +571,38 @@ def connect(
         wire.close()
         raise
     return Connection(wire, params)
+
+
+def _server_name(params: str, raw: Any) -> str:
+    """``connection to server at "host", port N``, as libpq words it."""
+    host = port = None
+    if raw is not None:
+        try:
+            host, port = raw.info.host, raw.info.port
+        except (psycopg2.Error, AttributeError):
+            pass
+    if not host:
+        parsed = psycopg2.extensions.parse_dsn(params)
+        host = parsed.get("hostaddr") or parsed.get("host") or os.environ.get(
+            "PGHOST", "/var/run/postgresql"
+        )
+        port = parsed.get("port") or os.environ.get("PGPORT", "5432")
+    if str(host).startswith("/"):
+        return f'connection to server on socket "{host}/.s.PGSQL.{port}"'
+    return f'connection to server at "{host}", port {port}'
+
+
+def _with_server_name(error: Exception, params: str, raw: Any) -> Exception:
+    """
+    ``error`` with the server named, when libpq did not (its messages for
+    asynchronous connections often say only "Connection refused").
+    """
+    message = str(error).strip()
+    if message.startswith("connection to server"):
+        return error
+    named = type(error)(f"{_server_name(params, raw)} failed: {message}")
+    named.__cause__ = error
+    return named
 
 
 def _close_forgotten(wire: _Wire) -> None:
@@ -874,11 +1067,29 @@ class Connection:
         return True
 
     def add_notify_observer(self, observer: Callable[[Any], Any]) -> None:
-        """Call ``observer(notify)`` for each NOTIFY received (after LISTEN)."""
+        """
+        Call ``observer(notify)`` for each NOTIFY received (after LISTEN).
+        While a connection has observers, the reactor watches its socket, so
+        notifications arrive as they are sent, also while it is idle.
+        """
         self._wire.addNotifyObserver(observer)
+        self._wire.watch()
 
     def remove_notify_observer(self, observer: Callable[[Any], Any]) -> None:
         self._wire.removeNotifyObserver(observer)
+        if not self._raw.closed:
+            self._wire.unwatch_if_idle()
+
+    def check_alive(self) -> bool:
+        """
+        Whether the connection is still usable, learnt without a round trip:
+        what the server sent while the connection was idle is read (a server
+        that ended the connection, killed backend or restart, says so before
+        it closes the socket).  False once closed.  The pool calls this at
+        checkout, so a connection that died in the pool is replaced instead
+        of being handed out.
+        """
+        return self._wire.check_idle()
 
     def _unsupported(self, what: str, instead: str) -> Any:
         raise NotSupportedError(
@@ -997,6 +1208,7 @@ class Cursor:
 
     # -- queries --------------------------------------------------------------
 
+    @_refusing_unstorable
     def execute(self, operation: Any, parameters: Any = None) -> None:
         """Run one statement (or several, ``;``-separated; the last one's
         result is kept), parking the fiber until the server answers."""
@@ -1021,6 +1233,7 @@ class Cursor:
                 operation = prefix + operation
         conn._run(lambda: raw.execute(operation, parameters))
 
+    @_refusing_unstorable
     def executemany(self, operation: Any, seq_of_parameters: Sequence[Any]) -> None:
         """
         Run ``operation`` for each parameter set, in as few round trips as
@@ -1058,6 +1271,7 @@ class Cursor:
             self._execute(sql)
         self._rowcount_override = self._raw.rowcount if len(rows) == 1 else -1
 
+    @_refusing_unstorable
     def callproc(self, procname: str, parameters: Any = None) -> Any:
         conn = self.connection
         raw = self._raw
@@ -1119,6 +1333,7 @@ class ServerCursor(Cursor):
     def rownumber(self) -> int:
         return self._fetched - (len(self._buffer) - self._pos)
 
+    @_refusing_unstorable
     def execute(self, operation: Any, parameters: Any = None) -> None:
         operation = _sql_text(operation, self._raw)
         _refuse_copy(operation)

@@ -209,24 +209,8 @@ class TemporaryPostgres:
             last_error: Optional[Exception] = None
             for _attempt in range(5):
                 port = self.port or _free_port()
-                options = [f"-p {port}", f"-k {self.directory}", f"-h {self.host}"]
-                options += [f"-c {k}={v}" for k, v in self.settings.items()]
                 try:
-                    self._run(
-                        [
-                            "pg_ctl",
-                            "-D",
-                            self.datadir,
-                            "-l",
-                            os.path.join(self.directory, "server.log"),
-                            "-o",
-                            " ".join(options),
-                            "-w",
-                            "-t",
-                            "60",
-                            "start",
-                        ]
-                    )
+                    self._pg_ctl_start(port)
                 except PostgresUnavailable as e:
                     last_error = e
                     if self.port:
@@ -240,6 +224,73 @@ class TemporaryPostgres:
         except BaseException:
             self.stop()
             raise
+
+    def _pg_ctl_start(self, port: int) -> None:
+        assert self.directory is not None
+        options = [f"-p {port}", f"-k {self.directory}", f"-h {self.host}"]
+        options += [f"-c {k}={v}" for k, v in self.settings.items()]
+        self._run(
+            [
+                "pg_ctl",
+                "-D",
+                self.datadir,
+                "-l",
+                os.path.join(self.directory, "server.log"),
+                "-o",
+                " ".join(options),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
+        )
+
+    def stop_server(self, mode: str = "fast") -> None:
+        """
+        Stop the server but keep its data (for outage drills); connections
+        are cut.  :meth:`start_server` starts it again on the same port.
+        """
+        self._run(["pg_ctl", "-D", self.datadir, "-m", mode, "-w", "stop"])
+
+    def start_server(self) -> None:
+        """Start the server stopped by :meth:`stop_server`, on its port."""
+        assert self.port is not None, "the server was never started"
+        self._pg_ctl_start(self.port)
+
+    def _pids(self) -> list[int]:
+        """The postmaster's pid and its children's (backends, workers)."""
+        with open(os.path.join(self.datadir, "postmaster.pid")) as f:
+            postmaster = int(f.readline())
+        pids = [postmaster]
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == postmaster:
+                pids.append(int(entry))
+        return pids
+
+    def pause(self) -> None:
+        """
+        Freeze the server (SIGSTOP to it and its backends): it keeps its
+        sockets and accepts TCP connections, but answers nothing, as a hung
+        host would.  :meth:`resume` thaws it.
+        """
+        import signal
+
+        for pid in self._pids():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Thaw a server frozen by :meth:`pause`."""
+        import signal
+
+        for pid in self._pids():
+            os.kill(pid, signal.SIGCONT)
 
     def restart(self) -> None:
         """Restart the server (same port and settings); connections are cut."""
