@@ -41,6 +41,7 @@ from txfiberdb.testing._postgres import (
 )
 
 __all__ = [
+    "ConnectionLeftOpen",
     "FiberTestCase",
     "PostgresUnavailable",
     "TemporaryPostgres",
@@ -175,6 +176,10 @@ class FiberTestCase(TestCase):
         _wait_for_test(self, TestCase._wait, d, *args, **kwargs)
 
     def _cleanUp(self, result: Any) -> None:
+        if _pytest_twisted_hub() is None:
+            for problem in _close_connections_left_watched():
+                result.addError(self, Failure(ConnectionLeftOpen(problem)))
+                self._passed = False
         with _janitor_for_pytest():
             super()._cleanUp(result)  # type: ignore[misc]
 
@@ -231,6 +236,57 @@ def _pytest_twisted_hub() -> Any:
     if greenlet.getcurrent() is hub:
         return None
     return hub
+
+
+class ConnectionLeftOpen(RuntimeError):
+    """
+    A :class:`FiberTestCase` test ended with a txfiberdb connection that the
+    reactor still watches (a transaction open, LISTEN observers); it was
+    closed.
+    """
+
+
+def _close_connections_left_watched() -> list[str]:
+    """
+    Close the txfiberdb connections the reactor still watches now that the
+    test's fiber has ended, and say why each was left, and what to do.
+
+    Idle connections (in a pool, or not) are not reactor selectables, so an
+    engine shared by many tests leaves nothing behind; a connection in a
+    transaction or with NOTIFY observers is.  trial's janitor would remove
+    it from the reactor and report "Reactor was unclean", after which the
+    connection could never hear from its server again (the next test using
+    it would hang): it is closed here instead, so that its next use fails at
+    once.
+    """
+    dbapi = sys.modules.get("txfiberdb.dbapi")
+    if dbapi is None:
+        return []
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
+    problems = []
+    for selectable in list(reactor.getReaders()):
+        if not isinstance(selectable, dbapi._Wire):
+            continue
+        if selectable.busy:
+            why = "a query still running"
+        elif selectable._notifyObservers:
+            why = "NOTIFY observers (LISTEN) registered"
+        elif selectable._connection.get_transaction_status():
+            why = "a transaction open"
+        else:
+            why = "its socket watched by the reactor while idle"
+        dsn = selectable._connection.dsn
+        selectable.close()
+        problems.append(
+            f"a txfiberdb connection to {dsn!r} was left with {why} after the "
+            "test; it has been closed. Close connections and "
+            "Sessions the test opened (rollback/close in tearDown or "
+            "self.addCleanup), or engine.dispose() an engine made for the "
+            "test; a pool's idle connections may stay between tests."
+        )
+    return problems
 
 
 def _wait_for_test(
