@@ -1,6 +1,6 @@
 """
 The pytest example of doc/howto/testing.md (its code blocks are kept
-identical to this file by tests/test_docs.py): SQLAlchemy's "join a Session
+identical to this file by tests/test_howto_testing.py): SQLAlchemy's "join a Session
 into an external transaction" recipe as pytest fixtures, with fiber fixtures
 at session, module and function scope.
 """
