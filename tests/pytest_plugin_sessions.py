@@ -201,6 +201,38 @@ def test_fiber_marker_on_asynchronous_test_refused(session, decorators):
     result.stderr.fnmatch_lines(["*test_both*@pytest.mark.fiber*drop one of the two*"])
 
 
+def test_fiber_marker_on_trial_test_case(session):
+    """
+    Refused on a plain trial TestCase (it would not run in a fiber); a
+    FiberTestCase, which runs in one anyway, may carry it (a module's
+    ``pytestmark``).
+    """
+    result = session(
+        """
+        pytestmark = pytest.mark.fiber
+
+        class Fibers(FiberTestCase):
+            def test_it(self):
+                assert one() == 1
+
+        @pytest.mark.fiber
+        def test_function():
+            assert one() == 1
+        """
+    )
+    result.assert_outcomes(passed=2)
+    result = session(
+        """
+        class Plain(TestCase):
+            @pytest.mark.fiber
+            def test_it(self):
+                pass
+        """
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*Plain::test_it*FiberTestCase instead*"])
+
+
 def test_fiber_fixture_async_refused():
     from txfiberdb.testing import fiber_fixture
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import unittest
 from collections.abc import Callable, Generator, Iterator
 from typing import Any, Optional, TypeVar, overload
 
@@ -240,11 +241,13 @@ def pytest_collection_modifyitems(
         if item.get_closest_marker("fiber") is None:
             continue
         obj = getattr(item, "obj", None)
-        if not isinstance(item, pytest.Function) or _is_trial_case(item):
+        if _is_fiber_test_case(item):
+            continue  # runs in a fiber anyway
+        if not isinstance(item, pytest.Function) or _is_unittest_case(item):
             errors.append(
                 f"{item.nodeid}: @pytest.mark.fiber applies to pytest test "
-                "functions; for a twisted.trial TestCase subclass "
-                "txfiberdb.testing.FiberTestCase instead"
+                "functions; a unittest/trial TestCase does not run through "
+                "it: subclass txfiberdb.testing.FiberTestCase instead"
             )
         elif obj is not None and (
             getattr(obj, "_pytest_twisted_mark", None) is not None
@@ -260,13 +263,18 @@ def pytest_collection_modifyitems(
         raise pytest.UsageError("\n".join(errors))
 
 
-def _is_trial_case(item: pytest.Item) -> bool:
+def _is_unittest_case(item: pytest.Item) -> bool:
     cls = getattr(item, "cls", None)
-    if cls is None:
-        return False
-    from twisted.trial.unittest import SynchronousTestCase
+    return cls is not None and issubclass(cls, unittest.TestCase)
 
-    return issubclass(cls, SynchronousTestCase)
+
+def _is_fiber_test_case(item: pytest.Item) -> bool:
+    cls = getattr(item, "cls", None)
+    if cls is None or "txfiberdb.testing" not in sys.modules:
+        return False
+    from txfiberdb.testing import FiberTestCase
+
+    return issubclass(cls, FiberTestCase)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -291,7 +299,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, None]:
         if isinstance(case, TestCase) and not isinstance(case, FiberTestCase):
             share_pytest_reactor(case)
     outcome = yield
-    if item.get_closest_marker("fiber") is None:
+    if item.get_closest_marker("fiber") is None and not _is_unittest_case(item):
         _add_hint(outcome.excinfo, MARKER_HINT)
 
 
