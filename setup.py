@@ -26,9 +26,10 @@ setup(
         "Twisted>=25.5",
         "txpostgres>=1.7",
         # The first releases with wheels for each Python (3.11: 2.9.5 / 3.0;
-        # 3.13: 2.9.10 / 3.1); the lowest versions were installed and the
-        # suite run on 3.13.
+        # 3.12: 2.9.9 / 3.0; 3.13: 2.9.10 / 3.1); the lowest versions were
+        # installed and the suite run on 3.12 and 3.13.
         "psycopg2-binary>=2.9.5",
+        "psycopg2-binary>=2.9.9; python_version>='3.12'",
         "psycopg2-binary>=2.9.10; python_version>='3.13'",
         "greenlet>=3.0",
         "greenlet>=3.1; python_version>='3.13'",

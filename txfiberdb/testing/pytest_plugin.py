@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_pytest_plugin -*-
+# -*- test-case-name: tests.test_testing -*-
 """
 pytest plugin (entry point ``pytest11``), built on pytest-twisted.
 
