@@ -485,21 +485,15 @@ def test_cursor_factories(db, named):
 def test_connect_factories_are_never_ignored(db):
     """
     psycopg2.connect() takes cursor_factory and connection_factory.
-    txfiberdb.dbapi.connect() either applies them or refuses them (today libpq
-    rejects the unknown option); it never ignores them.  The connection's
-    ``cursor_factory`` attribute works on both.
+    txfiberdb.dbapi.connect() applies cursor_factory and refuses
+    connection_factory clearly; it never ignores either.
     """
     factory = psycopg2.extras.DictCursor
-    try:
-        conn = db.connect(cursor_factory=factory)
-    except psycopg2.Error as e:
-        assert db.name == "txfiberdb" and "cursor_factory" in str(e)
-        conn = db.connect()
-        conn.cursor_factory = factory
+    conn = db.connect(cursor_factory=factory)
     assert conn.cursor_factory is factory
     assert isinstance(conn.cursor(), factory)
     if db.name == "txfiberdb":  # an asynchronous connection is txpostgres's
-        with pytest.raises(psycopg2.Error, match="connection_factory"):
+        with pytest.raises(psycopg2.NotSupportedError, match="connection_factory"):
             db.connect(connection_factory=psycopg2.extensions.connection)
 
 

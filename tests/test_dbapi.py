@@ -616,7 +616,15 @@ class FaultTests(DatabaseTestCase):
         self.assertNotIn(wire, reactor.getReaders())
         conn.autocommit = True
         cur.execute("SELECT 1")
+        # Autocommit: watched between statements, until the unit of work
+        # ends (rollback()/commit(), which a pool's reset on return calls).
+        self.assertIn(wire, reactor.getReaders())
+        conn.rollback()
         self.assertNotIn(wire, reactor.getReaders())
+        cur.execute("SELECT 1")
+        conn.autocommit = False
+        self.assertNotIn(wire, reactor.getReaders())
+        conn.autocommit = True
         observer = lambda n: None  # noqa: E731
         conn.add_notify_observer(observer)
         self.assertIn(wire, reactor.getReaders())

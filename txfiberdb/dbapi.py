@@ -388,6 +388,7 @@ class _Wire(txpostgres.Connection):
         self.outcome: Any = None  # its outcome, when nobody was parked
         self.lost: Optional[str] = None
         self.watching = False  # the socket is registered with the reactor
+        self.linger = False  # autocommit: stay watched between statements
         self._fd = -1
         self.local_port: Optional[int] = None  # our end's TCP port
 
@@ -462,10 +463,17 @@ class _Wire(txpostgres.Connection):
             self.watching = True
             self.reactor.addReader(self)
 
-    def unwatch_if_idle(self) -> None:
-        """Stop watching the socket if nothing needs it watched."""
+    def unwatch_if_idle(self, force: bool = False) -> None:
+        """
+        Stop watching the socket if nothing needs it watched.  In autocommit
+        mode (``linger``) the socket stays watched between statements, to
+        save the reactor two calls per statement, until ``force`` (the end of
+        a unit of work: ``commit()``/``rollback()``, which a pool's reset on
+        return calls, or leaving autocommit).
+        """
         if (
             self.watching
+            and (force or not self.linger)
             and not self.busy
             and not self._notifyObservers
             and self._connection.get_transaction_status() == TRANSACTION_STATUS_IDLE
@@ -619,6 +627,10 @@ def connect(
     :param dsn: a libpq connection string or URL; keyword arguments (``host``,
         ``port``, ``user``, ``password``, ``dbname``, any libpq parameter) add
         to or override it.
+    :param cursor_factory: the connection's default ``cursor_factory`` (a
+        psycopg2 cursor class: ``DictCursor``, ...), as psycopg2's
+        ``connect()`` takes it.  (``connection_factory`` is refused with
+        ``NotSupportedError``.)
     :param connect_timeout: seconds for the whole connection attempt; also
         read from the DSN; :data:`DEFAULT_CONNECT_TIMEOUT` (10 s) when given
         nowhere, 0 for no limit.  psycopg2 ignores it for asynchronous
@@ -638,6 +650,13 @@ def connect(
         )
     if reactor is None:
         from twisted.internet import reactor
+    cursor_factory = kwargs.pop("cursor_factory", None)
+    if kwargs.pop("connection_factory", None) is not None:
+        raise NotSupportedError(
+            "connection_factory is not supported: a txfiberdb connection wraps "
+            "an asynchronous psycopg2 connection that txpostgres makes; set "
+            "cursor_factory (here or on the connection) for other rows"
+        )
     params = psycopg2.extensions.make_dsn(dsn, **kwargs)
     if connect_timeout is None:
         from_dsn = psycopg2.extensions.parse_dsn(params).get("connect_timeout")
@@ -692,7 +711,10 @@ def connect(
     except BaseException:
         wire.close()
         raise
-    return Connection(wire, params)
+    conn = Connection(wire, params)
+    if cursor_factory is not None:
+        conn.cursor_factory = cursor_factory
+    return conn
 
 
 def _server_name(params: str, raw: Any) -> str:
@@ -980,6 +1002,9 @@ class Connection:
                     self._gucs.add(name)
         if "autocommit" in changes:
             self._autocommit = changes["autocommit"]
+            self._wire.linger = self._autocommit
+            if not self._autocommit:
+                self._wire.unwatch_if_idle(force=True)
         if "isolation_level" in changes:
             self._isolation_level = changes["isolation_level"]
         if "readonly" in changes:
@@ -1231,6 +1256,7 @@ class Connection:
         if self.in_transaction:
             raw = self._control_cursor()
             self._run(lambda: raw.execute("COMMIT"))
+        self._wire.unwatch_if_idle(force=True)
 
     def rollback(self) -> None:
         """Roll back the open transaction (no-op when none is open)."""
@@ -1245,6 +1271,7 @@ class Connection:
         if self.in_transaction:
             raw = self._control_cursor()
             self._run(lambda: raw.execute("ROLLBACK"))
+        self._wire.unwatch_if_idle(force=True)
 
     def _control_cursor(self) -> Any:
         """A raw cursor kept for COMMIT and ROLLBACK."""
@@ -1317,7 +1344,7 @@ class Connection:
     def remove_notify_observer(self, observer: Callable[[Any], Any]) -> None:
         self._wire.removeNotifyObserver(observer)
         if not self._raw.closed:
-            self._wire.unwatch_if_idle()
+            self._wire.unwatch_if_idle(force=True)
 
     def check_alive(self) -> bool:
         """
