@@ -41,13 +41,14 @@ from sqlalchemy.engine import make_url
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 from twisted.python import usage
 
 from klein_demo.app import make_app, make_site
 from klein_demo.metrics import Metrics
 from klein_demo.models import create_schema, load_sample_data
 from txfiberdb.health import ReadinessProbe
+from txfiberdb.logs import route_stdlib_logging
 from txfiberdb.service import EngineService
 
 
@@ -221,24 +222,6 @@ class Options(usage.Options):
         return "", None
 
 
-class _StdlibToTwisted(logging.Handler):
-    """Routes stdlib logging (SQLAlchemy's echo) to twisted.logger."""
-
-    levels = {
-        logging.DEBUG: LogLevel.debug,
-        logging.INFO: LogLevel.info,
-        logging.WARNING: LogLevel.warn,
-        logging.ERROR: LogLevel.error,
-        logging.CRITICAL: LogLevel.critical,
-    }
-
-    def emit(self, record: logging.LogRecord) -> None:
-        level = self.levels.get(record.levelno, LogLevel.info)
-        Logger(namespace=record.name).emit(
-            level, "{message}", message=self.format(record)
-        )
-
-
 class ShopService(MultiService):
     """
     The shop: a throwaway PostgreSQL (unless given a URL), the
@@ -310,11 +293,9 @@ class ShopService(MultiService):
 
     def startService(self) -> None:
         if self.echo:
-            handler = _StdlibToTwisted()
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            sa_log = logging.getLogger("sqlalchemy.engine")
-            sa_log.addHandler(handler)
-            sa_log.setLevel(logging.INFO)
+            # SQLAlchemy's statements into twistd's log (not echo=True,
+            # which would also print them through a handler of its own).
+            route_stdlib_logging(["sqlalchemy.engine"], level=logging.INFO)
         if self.url is None:
             from txfiberdb.testing import TemporaryPostgres
 
