@@ -5,12 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test trial pytest compliance demo lint bench clean
+.PHONY: test trial pytest compliance demo lint bench clean docs dist-check bench-plots
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,demo,lint]' --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e '.[binary,test,demo,lint]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -35,8 +35,28 @@ lint: $(STAMP)
 	$(PY) -m mypy txfiberdb
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[bench]' --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e '.[binary,bench]'
 	$(PY) bench/fiber.py
 
+# The documentation site (Sphinx + MyST), warnings as errors: doc/_build/html.
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[binary,docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(PY) -m sphinx -W --keep-going -n -b html doc doc/_build/html
+
+# The benchmark figures of doc/benchmarks.md, drawn from doc/bench-data.json
+# (the measured tables of bench/README.md; see doc/bench_plots.py).
+bench-plots: $(DOCS_STAMP)
+	$(PY) doc/bench_plots.py
+
+# Build the sdist and wheel, check them (twine, file lists), install the sdist
+# in a fresh venv and run the test suite there.
+dist-check: $(STAMP)
+	$(PY) -m pip install --quiet build twine
+	PYTHON=$(abspath $(PY)) bash .ci/dist-check
+
 clean:
-	rm -rf $(VENV) build *.egg-info _trial_temp
+	rm -rf $(VENV) build dist *.egg-info _trial_temp doc/_build
