@@ -15,13 +15,24 @@ instead of showing a traceback.
 
 from twisted.application.service import ServiceMaker
 
-#: The distributions the demo imports that a plain install may lack, and the
-#: extra of txfiberdb that brings each.
-_EXTRAS = {
-    "klein": ("Klein", "txfiberdb[demo]"),
-    "werkzeug": ("Klein", "txfiberdb[demo]"),
-    "psycopg2": ("psycopg2", "txfiberdb[binary] (or txfiberdb[psycopg2])"),
+#: What the demo imports that a plain install may lack (module: what it is,
+#: how to install it through txfiberdb's extras).
+_NEEDS = {
+    "klein": ("Klein", "pip install 'txfiberdb[demo]'"),
+    "psycopg2": (
+        "psycopg2",
+        "pip install 'txfiberdb[binary]'   (or 'txfiberdb[psycopg2]', built "
+        "against your libpq)",
+    ),
 }
+
+
+def _missing(name: str, module: str):
+    what, command = _NEEDS[module]
+    return SystemExit(
+        f"twistd {name}: {what} is not installed (import of {module!r} "
+        f"failed). Install it with:\n    {command}"
+    )
 
 
 class _DemoMaker(ServiceMaker):
@@ -29,18 +40,22 @@ class _DemoMaker(ServiceMaker):
 
     @property
     def options(self):
+        from importlib import import_module
+
+        # psycopg2 is only imported when the engine starts, too late for a
+        # clear message: look for everything before the demo is imported.
+        for module in _NEEDS:
+            try:
+                import_module(module)
+            except ImportError:
+                raise _missing(self.tapname, module) from None
         try:
             return super().options
         except ImportError as e:
             top = (e.name or "").partition(".")[0]
-            if top not in _EXTRAS:
+            if top not in _NEEDS:
                 raise
-            what, extra = _EXTRAS[top]
-            raise SystemExit(
-                f"twistd {self.tapname}: {what} is not installed (import of "
-                f"{e.name!r} failed). Install the demo's dependencies with:\n"
-                f"    pip install '{extra}'"
-            ) from None
+            raise _missing(self.tapname, top) from None
 
 
 kleinDemo = _DemoMaker(
