@@ -45,12 +45,15 @@ $(DOCS_STAMP): $(STAMP)
 	touch $(DOCS_STAMP)
 
 docs: $(DOCS_STAMP)
-	$(PY) -m sphinx -W --keep-going -n -b html doc doc/_build/html
+	$(PY) -m sphinx -W --keep-going -b html doc doc/_build/html
 
-# The benchmark figures of doc/benchmarks.md, drawn from doc/bench-data.json
-# (the measured tables of bench/README.md; see doc/bench_plots.py).
+# The charts of doc/benchmarks.md: copy the measured tables of bench/README.md
+# (or FROM="web=saved-output.txt ...", a bench script's saved output) into
+# doc/bench-data.json, then draw them into doc/_generated (as `make docs` does).
+FROM ?= bench/README.md
 bench-plots: $(DOCS_STAMP)
-	$(PY) doc/bench_plots.py
+	$(PY) doc/bench_plots.py extract $(FROM)
+	$(PY) doc/bench_plots.py draw
 
 # Build the sdist and wheel, check them (twine, file lists), install the sdist
 # in a fresh venv and run the test suite there.

@@ -41,8 +41,10 @@ def tables_of(text: str) -> list[dict[str, Any]]:
     lines = text.splitlines()
     i = 0
     while i < len(lines):
-        if lines[i].startswith("|") and i + 1 < len(lines) and re.match(
-            r"^\|[\s:|-]+\|$", lines[i + 1].strip()
+        if (
+            lines[i].startswith("|")
+            and i + 1 < len(lines)
+            and re.match(r"^\|[\s:|-]+\|$", lines[i + 1].strip())
         ):
             header = _cells(lines[i])
             rows = []
@@ -131,7 +133,9 @@ def _column(header: list[str], *words: str) -> int:
     raise KeyError(f"no column with {words} in {header}")
 
 
-def draw(data_path: str = DATA, outdir: str = os.path.join(HERE, "_generated")) -> list[str]:
+def draw(
+    data_path: str = DATA, outdir: str = os.path.join(HERE, "_generated")
+) -> list[str]:
     """Draw every chart into ``outdir``; return the files written."""
     import matplotlib
 
@@ -168,8 +172,12 @@ def draw(data_path: str = DATA, outdir: str = os.path.join(HERE, "_generated")) 
     # HTTP: throughput and latency of each server variant.
     t = tables["web"][0]
     h = t["header"]
-    variants = [("txfiberdb", "txfiberdb req/s"), ("blocking", "blocking req/s"),
-                ("deferToThread", "threads req/s"), ("no database", "no-db req/s")]
+    variants = [
+        ("txfiberdb", "txfiberdb req/s"),
+        ("blocking", "blocking req/s"),
+        ("deferToThread", "threads req/s"),
+        ("no database", "no-db req/s"),
+    ]
     cols = [_column(h, key) for _, key in variants]
     groups = [f"{r[0].strip('`')}\n{r[1]} clients" for r in t["rows"]]
     cells = [[_latency(r[c]) for c in cols] for r in t["rows"]]
@@ -208,7 +216,7 @@ def draw(data_path: str = DATA, outdir: str = os.path.join(HERE, "_generated")) 
         fig, axes = plt.subplots(
             len(workloads), 1, figsize=(9, 4.2 * len(workloads)), squeeze=False
         )
-        for ax, workload in zip(axes[:, 0], workloads):
+        for ax, workload in zip(axes[:, 0], workloads, strict=True):
             rows = [r for r in t["rows"] if r[title_col] == workload]
             rows = [r for r in rows if not _ours(r[2])]
             labels = [f"{r[1]}: {_plain(r[2])}" for r in rows]
@@ -219,7 +227,10 @@ def draw(data_path: str = DATA, outdir: str = os.path.join(HERE, "_generated")) 
             ax.set_yticks(ys, labels)
             ax.axvline(1, color="black", lw=0.8)
             ax.set_title(_plain(workload), fontsize=9)
-            ax.set_xlabel("txfiberdb's throughput ÷ this client's\n(above 1: txfiberdb ahead)", fontsize=8)
+            ax.set_xlabel(
+                "txfiberdb's throughput ÷ this client's\n(above 1: txfiberdb ahead)",
+                fontsize=8,
+            )
             ax.tick_params(axis="y", labelsize=7)
         save(fig, f"bench-{name}.png")
     return written
@@ -232,7 +243,9 @@ def main(argv: list[str]) -> int:
     if argv[1] == "extract":
         extract(argv[2:])
     else:
-        for path in draw(DATA, argv[2] if len(argv) > 2 else os.path.join(HERE, "_generated")):
+        for path in draw(
+            DATA, argv[2] if len(argv) > 2 else os.path.join(HERE, "_generated")
+        ):
             print(f"wrote {os.path.relpath(path)}")
     return 0
 

@@ -41,7 +41,10 @@ myst_heading_anchors = 3
 # description; modules are imported from this checkout.
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
-autodoc_default_options = {"members": True, "show-inheritance": True}
+autodoc_default_options = {
+    "members": True,
+    "show-inheritance": True,
+}
 # Our docstrings only: overrides of SQLAlchemy methods would otherwise show
 # SQLAlchemy's own docstrings, with its Sphinx roles and labels.
 autodoc_inherit_docstrings = False

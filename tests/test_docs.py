@@ -285,8 +285,9 @@ class ParserTests(SynchronousTestCase):
         path = self.mktemp()
         with open(path, "w") as f:
             f.write(
-                "# Title\n\n```{code-block} python\n:caption: a/b.py\n\nx = 1\n```\n\n"
-                "```console\n$ echo hi\nhi\n$ true\n```\n\n```{toctree}\n:glob:\n\n*\n```\n"
+                "# Title\n\n```{code-block} python\n:caption: a/b.py\n\nx = 1\n```\n"
+                "\n```console\n$ echo hi\nhi\n$ true\n```\n"
+                "\n```{toctree}\n:glob:\n\n*\n```\n"
             )
         blocks = list(code_blocks(path))
         self.assertEqual(
@@ -308,3 +309,26 @@ class ParserTests(SynchronousTestCase):
             check_output("c", '{"a": 2}', ['{"a": 1}'])
         with self.assertRaises(OutputMismatch):
             check_output("c", "FAILED (failures=1)", ["PASSED (successes=3)"])
+
+
+class BenchDataTests(SynchronousTestCase):
+    """doc/bench-data.json, which the benchmark charts are drawn from."""
+
+    def test_data_is_the_measured_tables(self):
+        """
+        The committed data is bench/README.md's tables, copied: a figure
+        changed (or invented) in one and not the other fails here.
+        ``make bench-plots`` brings them back in line.
+        """
+        sys.path.insert(0, DOC)
+        self.addCleanup(sys.path.remove, DOC)
+        import bench_plots
+
+        with open(os.path.join(DOC, "bench-data.json"), encoding="utf-8") as f:
+            data = json.load(f)
+        with open(os.path.join(ROOT, "bench", "README.md"), encoding="utf-8") as f:
+            readme = bench_plots.sections_of_readme(f.read())
+        for name in bench_plots.NAMES:
+            if data["source"][name] == "bench/README.md":
+                self.assertEqual(data["tables"][name], readme[name], name)
+            self.assertTrue(data["tables"][name][0]["rows"], name)

@@ -103,7 +103,9 @@ class PluginTests(SynchronousTestCase):
         self.assertNotIn("Traceback", out)
 
     def test_missing_psycopg2_names_the_extras(self):
-        code, out, _ = twistd(self, ["-n", "klein-demo", "--help"], blocked=["psycopg2"])
+        code, out, _ = twistd(
+            self, ["-n", "klein-demo", "--help"], blocked=["psycopg2"]
+        )
         self.assertEqual(code, 1, out)
         self.assertIn("psycopg2 is not installed", out)
         self.assertIn("pip install 'txfiberdb[binary]'", out)
