@@ -62,4 +62,4 @@ dist-check: $(STAMP)
 	PYTHON=$(abspath $(PY)) bash .ci/dist-check
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info _trial_temp doc/_build
+	rm -rf $(VENV) build dist *.egg-info _trial_temp doc/_build doc/_generated
