@@ -4,8 +4,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Other Pythons the project supports, each in a venv of its own (.venv312,
+# .venv313): the first interpreter of that version that runs, on PATH or
+# under pyenv; override with e.g. `make test-py313 PYTHON313=/opt/py313/bin/python3`.
+find_python = $(firstword $(foreach p,python$(1) $(wildcard $(HOME)/.pyenv/versions/$(1)*/bin/python3),$(shell $(p) -c 'import sys; print("$(p)")' 2>/dev/null)))
+PYTHON312 ?= $(call find_python,3.12)
+PYTHON313 ?= $(call find_python,3.13)
 
-.PHONY: test trial pytest compliance demo lint bench clean docs dist-check bench-plots
+.PHONY: test test-py312 test-py313 trial pytest compliance demo lint bench clean docs dist-check bench-plots
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +23,17 @@ test: $(STAMP)
 	$(PY) -m twisted.trial tests
 	PYTHON=$(abspath $(PY)) bash compliance/run.sh
 	$(PY) -m pytest tests
+
+# The suite (trial, then pytest) on another Python; SQLAlchemy's compliance
+# suite runs on the default Python only (`make test`), as it checks the
+# dialect rather than the interpreter and takes a minute of its own.
+test-py312:
+	@test -n "$(PYTHON312)" || { echo "no Python 3.12 found: make test-py312 PYTHON312=/path/to/python3.12"; exit 1; }
+	$(MAKE) trial pytest PYTHON=$(PYTHON312) VENV=.venv312
+
+test-py313:
+	@test -n "$(PYTHON313)" || { echo "no Python 3.13 found: make test-py313 PYTHON313=/path/to/python3.13"; exit 1; }
+	$(MAKE) trial pytest PYTHON=$(PYTHON313) VENV=.venv313
 
 compliance: $(STAMP)
 	PYTHON=$(abspath $(PY)) bash compliance/run.sh
@@ -62,4 +79,4 @@ dist-check: $(STAMP)
 	PYTHON=$(abspath $(PY)) bash .ci/dist-check
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info _trial_temp doc/_build doc/_generated
+	rm -rf $(VENV) .venv312 .venv313 build dist *.egg-info _trial_temp doc/_build doc/_generated

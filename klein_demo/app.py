@@ -29,8 +29,15 @@ POST    /orders                          201; locks and decrements stock in
                                          one transaction; 409 if short
 GET     /orders/<id>                     lazy loading
 GET     /test                            ``seconds`` (default 0.1, at most
-                                         10): ``SELECT pg_sleep(seconds)``
-GET     /health                          never touches the pool
+                                         10): ``SELECT pg_sleep(seconds)``;
+                                         at most ``slow_route_concurrency``
+                                         at once (others wait up to 5 s, then
+                                         503), so it cannot starve the shop
+GET     /health/live                     liveness: never touches the database
+GET     /health/ready                    readiness: 200 when the database
+                                         answers (own connection, 1 s bound,
+                                         1 s cache), else 503 with the reason
+GET     /health                          readiness with pool figures
 GET     /metrics                         Prometheus text format
 ======  ===============================  =====================================
 """
@@ -42,6 +49,7 @@ import uuid
 from decimal import Decimal
 from time import monotonic as _now
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 from klein import Klein
 from sqlalchemy import exists, func, select, text
@@ -49,6 +57,7 @@ from sqlalchemy.orm import Session, selectinload
 from twisted.logger import Logger
 from twisted.web import server
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import RequestRedirect
 
 from klein_demo.metrics import CONTENT_TYPE, Metrics
 from klein_demo.models import Customer, Order, OrderLine, Product
@@ -64,10 +73,18 @@ from klein_demo.validation import (
     validate_each,
 )
 from txfiberdb import pool_stats
-from txfiberdb.klein import BadRequest, Conflict, FiberRoutes, NotFound, read_json
+from txfiberdb.health import ReadinessProbe
+from txfiberdb.klein import (
+    BadRequest,
+    Conflict,
+    FiberRoutes,
+    LogSummary,
+    NotFound,
+    read_json,
+)
 from txfiberdb.service import EngineService
 
-__all__ = ["BoundedRequest", "make_app", "make_site"]
+__all__ = ["BoundedRequest", "ShopSite", "make_app", "make_site"]
 
 log = Logger(namespace="klein_demo")
 
@@ -170,10 +187,24 @@ def created(request: Any, location: str) -> None:
     request.setHeader(b"location", location.encode("ascii"))
 
 
-def make_app(db: EngineService, metrics: Optional[Metrics] = None) -> Klein:
-    """The shop's Klein app, serving from ``db``'s fibers and pool."""
+def make_app(
+    db: EngineService,
+    metrics: Optional[Metrics] = None,
+    probe: Optional[ReadinessProbe] = None,
+    slow_route_concurrency: int = 5,
+) -> Klein:
+    """
+    The shop's Klein app, serving from ``db``'s fibers and pool.
+
+    :param probe: the readiness probe of ``/health`` and ``/health/ready``
+        (one is made for ``db`` when not given; close it when done).
+    :param slow_route_concurrency: how many ``/test`` requests (which hold a
+        connection for up to 10 s) may run at once, so that they cannot
+        starve the rest of the shop of connections.
+    """
     app = Klein()
     metrics = metrics if metrics is not None else Metrics()
+    probe = probe if probe is not None else ReadinessProbe(db)
     routes = FiberRoutes(db, app, retry_after=1, on_response=metrics.observe)
 
     # -- products -----------------------------------------------------------
@@ -443,38 +474,68 @@ def make_app(db: EngineService, metrics: Optional[Metrics] = None) -> Klein:
 
     # -- the rest -----------------------------------------------------------
 
-    @routes.route("/test", methods=["GET"])
+    @routes.route("/test", methods=["GET"], concurrency=slow_route_concurrency)
     def test(request: Any, session: Session) -> Any:
         seconds = query_float(request, "seconds", 0.1, 0.0, MAX_SLEEP)
         session.execute(text("SELECT pg_sleep(:seconds)"), {"seconds": seconds})
         return {"slept": seconds}
 
-    @app.route("/health", methods=["GET"])
-    def health(request: Any) -> Any:
-        # Runs on the reactor, not in a fiber, and touches no connection: it
-        # answers even while every connection is taken.
-        started = _now()
+    def pool_json() -> dict[str, Any]:
+        stats = pool_stats(db.engine) if db.engine is not None else {}
+        return {
+            "pool_size": stats.get("size"),
+            **{
+                k: stats.get(k)
+                for k in ("open", "checked_out", "idle", "overflow", "waiting")
+            },
+        }
+
+    def json_response(request: Any, code: int, body: dict[str, Any]) -> bytes:
+        request.setResponseCode(code)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
-        if not db.accepting:
-            request.setResponseCode(503)
-            body: dict[str, Any] = {"status": "stopping"}
-        else:
-            stats = pool_stats(db.engine) if db.engine is not None else {}
-            body = {
-                "status": "ok",
-                "inflight": db.inflight,
-                "pool": {
-                    "pool_size": stats.get("size"),
-                    "open": stats.get("checked_out", 0) + stats.get("idle", 0),
-                    **{
-                        k: stats.get(k)
-                        for k in ("checked_out", "idle", "overflow", "waiting")
-                    },
-                },
-            }
-        metrics.observe("health", request.code, _now() - started)
         return json.dumps(body).encode()
+
+    def readiness(request: Any, name: str, extra: bool) -> Any:
+        # Runs on the reactor, not in a fiber, and takes no pool slot: the
+        # probe has its own connection, a bounded check and a short cache.
+        started = _now()
+        if not db.accepting:
+            metrics.observe(name, 503, _now() - started)
+            return json_response(request, 503, {"status": "stopping"})
+
+        def answer(result: Any) -> bytes:
+            body = result.to_json()
+            if extra:
+                body = {
+                    "status": "ok" if result.ready else "unavailable",
+                    "database": body,
+                    "inflight": db.inflight,
+                    "pool": pool_json(),
+                }
+            code = 200 if result.ready else 503
+            if not result.ready:
+                request.setHeader(b"retry-after", b"1")
+            metrics.observe(name, code, _now() - started)
+            return json_response(request, code, body)
+
+        return probe.check().addCallback(answer)
+
+    @app.route("/health/live", methods=["GET"])
+    def health_live(request: Any) -> Any:
+        # Liveness: the process serves HTTP.  Never touches the database,
+        # so an outage does not get the process restarted.
+        metrics.observe("health_live", 200, 0.0)
+        return json_response(request, 200, {"status": "live"})
+
+    @app.route("/health/ready", methods=["GET"])
+    def health_ready(request: Any) -> Any:
+        return readiness(request, "health_ready", extra=False)
+
+    @app.route("/health", methods=["GET"])
+    def health(request: Any) -> Any:
+        # Readiness with the pool's figures, for a person or a load balancer.
+        return readiness(request, "health", extra=True)
 
     @app.route("/metrics", methods=["GET"])
     def metrics_route(request: Any) -> Any:
@@ -501,13 +562,21 @@ def make_app(db: EngineService, metrics: Optional[Metrics] = None) -> Klein:
 
     @app.handle_errors(HTTPException)
     def http_error(request: Any, failure: Any) -> Any:
-        # Klein's own answers (no such route, method not allowed) as JSON.
+        # Klein's own answers (no such route, method not allowed, a redirect
+        # to the canonical URL) as JSON.
         error = failure.value
         request.setResponseCode(error.code or 500)
         request.setHeader(b"content-type", b"application/json")
         valid = getattr(error, "valid_methods", None)
         if valid:
             request.setHeader(b"allow", ", ".join(valid).encode())
+        if isinstance(error, RequestRedirect):
+            # werkzeug builds new_url from the request's Host header: send
+            # only its path (a relative Location) and never echo the Host.
+            target = urlsplit(error.new_url)
+            location = target.path + (f"?{target.query}" if target.query else "")
+            request.setHeader(b"location", location.encode("ascii", "replace"))
+            return json.dumps({"error": "moved", "location": location}).encode()
         message = {404: "no such route", 405: "method not allowed"}.get(
             error.code, error.description
         )
@@ -529,6 +598,7 @@ def make_app(db: EngineService, metrics: Optional[Metrics] = None) -> Klein:
         ).encode()
 
     app.metrics = metrics  # type: ignore[attr-defined]
+    app.probe = probe  # type: ignore[attr-defined]
     return app
 
 
@@ -555,9 +625,33 @@ class BoundedRequest(server.Request):
             super().handleContentChunk(chunk)
 
 
+class ShopSite(server.Site):
+    """
+    A Site whose access log summarises 503 answers: during an outage every
+    request gets one, and a line each would flood the log.  The first 503 of
+    a route is logged as usual, the next ones within ``summary.interval``
+    seconds are counted into the next line logged for it.
+    """
+
+    summary = LogSummary(10.0)
+
+    def log(self, request: Any) -> None:
+        if request.code != 503:
+            super().log(request)
+            return
+        repeats = self.summary.admit(request.path)
+        if repeats is None:
+            return
+        log_file = self._logFile
+        if log_file is not None:
+            line = self._logFormatter(self._logDateTime, request)  # type: ignore[call-arg]
+            log_file.write(line + self.summary.suffix(repeats) + "\n")
+
+
 def make_site(app: Klein, max_body: int = MAX_BODY) -> server.Site:
     """A twisted.web Site for ``app`` whose requests keep bounded bodies."""
     request_factory = type("Request", (BoundedRequest,), {"max_body": max_body})
-    site = server.Site(app.resource(), requestFactory=request_factory)
+    site = ShopSite(app.resource(), requestFactory=request_factory)
+    site.summary = LogSummary(10.0)
     site.displayTracebacks = False
     return site

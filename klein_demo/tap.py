@@ -35,9 +35,11 @@ import logging
 import os
 from typing import Any, Optional
 
+import psycopg2
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, LogLevel
 from twisted.python import usage
@@ -45,7 +47,15 @@ from twisted.python import usage
 from klein_demo.app import make_app, make_site
 from klein_demo.metrics import Metrics
 from klein_demo.models import create_schema, load_sample_data
+from txfiberdb.health import ReadinessProbe
 from txfiberdb.service import EngineService
+
+
+def _first_line(error: BaseException) -> str:
+    orig = getattr(error, "orig", None) or error
+    lines = str(orig).strip().splitlines()
+    return lines[0] if lines else type(orig).__name__
+
 
 __all__ = ["Options", "ShopService", "makeService", "to_url"]
 
@@ -69,7 +79,10 @@ def to_url(dsn: str) -> str:
         dsn = "postgresql://" + dsn[len("postgres://") :]
     url = make_url(dsn)
     if url.get_backend_name() != "postgresql":
-        raise ValueError(f"not a PostgreSQL URL: {dsn}")
+        raise ValueError(
+            f"not a PostgreSQL URL (its scheme is {url.drivername!r}): use "
+            f"postgresql://user:password@host/dbname"
+        )
     return url.set(drivername="postgresql+txpostgres").render_as_string(
         hide_password=False
     )
@@ -96,9 +109,27 @@ class Options(usage.Options):
             "d",
             None,
             "The PostgreSQL server: a URL (postgresql://user:pass@host/db) or a "
-            "libpq DSN ('host=... dbname=...'). Default: a throwaway server.",
+            "libpq DSN ('host=... dbname=...'). Visible to every user of the "
+            "machine in `ps`: for a password, use $DATABASE_URL or --dsn-file. "
+            "Default: $DATABASE_URL if set, else a throwaway server.",
+        ],
+        [
+            "dsn-file",
+            None,
+            None,
+            "A file holding the URL or DSN (a mounted secret, mode 0600); "
+            "surrounding white space is ignored.",
         ],
         ["pool-size", None, 20, "Connections kept in the pool.", int],
+        [
+            "slow-route-concurrency",
+            None,
+            None,
+            "How many /test requests may run at once (each holds a connection "
+            "for up to 10 s; the others wait up to 5 s, then 503). Default: "
+            "two thirds of --pool-size + --max-overflow.",
+            int,
+        ],
         [
             "max-overflow",
             None,
@@ -124,6 +155,12 @@ class Options(usage.Options):
     optFlags = [
         ["echo", None, "Log every SQL statement."],
         [
+            "log-sql-parameters",
+            None,
+            "Show SQL parameters in logged errors and --echo (they may hold "
+            "personal data: for debugging only).",
+        ],
+        [
             "sample-data",
             None,
             "Load sample data into an empty shop (always done with the "
@@ -146,13 +183,42 @@ class Options(usage.Options):
             serverFromString(object(), self["listen"])
         except (ValueError, TypeError, KeyError) as e:
             raise usage.UsageError(f"--listen {self['listen']!r}: {e}") from None
-        if self["dsn"] is not None:
+        if (
+            self["slow-route-concurrency"] is not None
+            and self["slow-route-concurrency"] < 1
+        ):
+            raise usage.UsageError("--slow-route-concurrency must be at least 1")
+        source, dsn = self._dsn()
+        if dsn is not None:
             try:
-                self["url"] = to_url(self["dsn"])
+                self["url"] = to_url(dsn)
             except Exception as e:
-                raise usage.UsageError(f"--dsn: {e}") from None
+                # Never the DSN itself in the message: it may hold a password.
+                raise usage.UsageError(f"{source}: {e}") from None
         else:
             self["url"] = None
+
+    def _dsn(self) -> tuple[str, Optional[str]]:
+        """Where the database's address comes from, and the address."""
+        if self["dsn"] is not None and self["dsn-file"] is not None:
+            raise usage.UsageError("give --dsn or --dsn-file, not both")
+        if self["dsn"] is not None:
+            return "--dsn", self["dsn"]
+        if self["dsn-file"] is not None:
+            path = self["dsn-file"]
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                reason = getattr(e, "strerror", None) or str(e)
+                raise usage.UsageError(f"--dsn-file {path}: {reason}") from None
+            if not text:
+                raise usage.UsageError(f"--dsn-file {path}: the file is empty")
+            return f"--dsn-file {path}", text
+        env = os.environ.get("DATABASE_URL", "").strip()
+        if env:
+            return "$DATABASE_URL", env
+        return "", None
 
 
 class _StdlibToTwisted(logging.Handler):
@@ -201,6 +267,8 @@ class ShopService(MultiService):
         sample_data: Optional[bool] = None,
         reactor: Any = None,
         exit_on_failure: bool = False,
+        slow_route_concurrency: Optional[int] = None,
+        log_sql_parameters: bool = False,
     ) -> None:
         super().__init__()
         self.url = url
@@ -215,14 +283,25 @@ class ShopService(MultiService):
             pool_size=pool_size,
             max_overflow=max_overflow,
             pool_timeout=pool_timeout,
+            hide_parameters=not log_sql_parameters,
         )
         self.db.setServiceParent(self)
         self.metrics = Metrics()
-        self.app = make_app(self.db, self.metrics)
+        if slow_route_concurrency is None:
+            total = pool_size + max(max_overflow, 0)
+            slow_route_concurrency = max(1, total * 2 // 3)
+        self.probe = ReadinessProbe(self.db)
+        self.app = make_app(
+            self.db,
+            self.metrics,
+            probe=self.probe,
+            slow_route_concurrency=slow_route_concurrency,
+        )
         self.site = make_site(self.app)
         self.postgres: Any = None
         self.port: Any = None
         self.listening: Deferred[Any] = Deferred()
+        self._starting: Optional[Deferred[Any]] = None
         self._stopping: Optional[Deferred[Any]] = None
 
     @property
@@ -258,7 +337,7 @@ class ShopService(MultiService):
         else:
             self.db.url = self.url
         super().startService()
-        d = self.db.run(self._prepare)
+        self._starting = d = self.db.run(self._prepare)
         d.addCallback(lambda _: self._listen())
         d.addCallbacks(self._serving, self._failed_to_start)
 
@@ -277,6 +356,7 @@ class ShopService(MultiService):
         return endpoint.listen(self.site)
 
     def _serving(self, port: Any) -> None:
+        self._starting = None
         self.port = port
         if not self.running:  # stopped while starting
             port.stopListening()
@@ -290,9 +370,25 @@ class ShopService(MultiService):
         self.listening.callback(port)
 
     def _failed_to_start(self, failure: Any) -> None:
-        log.failure(
-            "klein-demo could not start: {why}", failure, why=failure.getErrorMessage()
-        )
+        self._starting = None
+        if failure.check(CancelledError) and self._stopping is not None:
+            log.info("klein-demo start-up interrupted by shutdown")
+            self.listening.errback(failure)
+            self.listening.addErrback(lambda _: None)
+            return
+        if failure.check(sa_exc.DBAPIError, psycopg2.Error):
+            # Expected (the database cannot be reached, or refuses us): the
+            # reason in one line, no traceback.
+            log.error(
+                "klein-demo could not start: database unavailable: {why}",
+                why=_first_line(failure.value),
+            )
+        else:
+            log.failure(
+                "klein-demo could not start: {why}",
+                failure,
+                why=failure.getErrorMessage() or failure.type.__name__,
+            )
         self.listening.errback(failure)
         self.listening.addErrback(lambda _: None)
         if self.exit_on_failure:
@@ -322,11 +418,22 @@ class ShopService(MultiService):
             n=self.db.inflight,
         )
         port, self.port = self.port, None
-        d = maybeDeferred(port.stopListening) if port is not None else succeed(None)
+        starting, self._starting = self._starting, None
+        self._stopping = d = (
+            maybeDeferred(port.stopListening) if port is not None else succeed(None)
+        )
+        if starting is not None:
+            # Still starting (waiting for a database that does not answer,
+            # say): give up now instead of waiting out the grace period.
+            starting.cancel()
         d.addCallback(lambda _: MultiService.stopService(self))
         d.addBoth(self._stop_postgres)
-        self._stopping = d
+        d.addBoth(self._close_probe)
         return d
+
+    def _close_probe(self, result: Any) -> Any:
+        self.probe.close()
+        return result
 
     def _stop_postgres(self, result: Any) -> Any:
         if self.postgres is not None:
@@ -351,6 +458,8 @@ def makeService(options: Options) -> Service:
         echo=bool(options["echo"]),
         sample_data=True if options["sample-data"] else None,
         exit_on_failure=True,
+        slow_route_concurrency=options["slow-route-concurrency"],
+        log_sql_parameters=bool(options["log-sql-parameters"]),
     )
     # twistd's own options (the parent of ours) name its pid file.
     service.pidfile = getattr(options, "parent", {}).get("pidfile") or None

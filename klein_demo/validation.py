@@ -66,6 +66,9 @@ class Field:
             return value
         if not isinstance(value, str):
             raise ValueError(f"must be a string, not {_json_type(value)}")
+        problem = unstorable(value)
+        if problem:
+            raise ValueError(problem)
         value = value.strip()
         if len(value) < self.min_length:
             raise ValueError(
@@ -181,6 +184,20 @@ def check_id(value: int, what: str) -> int:
     return value
 
 
+def unstorable(text: str) -> Optional[str]:
+    """
+    Why PostgreSQL could not store ``text`` (a NUL character, or an unpaired
+    surrogate, which JSON's ``\\ud800`` escapes can smuggle in), or None.
+    """
+    if "\x00" in text:
+        return "must not contain NUL (\\u0000) characters"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode text (no unpaired surrogates)"
+    return None
+
+
 def _arg(request: Any, name: str) -> Optional[str]:
     values = request.args.get(name.encode("ascii"))
     if not values:
@@ -188,9 +205,13 @@ def _arg(request: Any, name: str) -> Optional[str]:
     if len(values) > 1:
         raise BadRequest(f"query parameter {name!r} is given {len(values)} times")
     try:
-        return values[-1].decode("utf-8")  # type: ignore[no-any-return]
+        value: str = values[-1].decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest(f"query parameter {name!r} is not UTF-8") from None
+    problem = unstorable(value)
+    if problem:
+        raise BadRequest(f"query parameter {name!r} {problem}")
+    return value
 
 
 def query_int(

@@ -37,6 +37,16 @@ class ModuleTests(DatabaseTestCase):
         conn = self.connect()
         self.assertIs(conn.Error, psycopg2.Error)
 
+    def test_psycopg2_namespaces(self):
+        """psycopg2's companion modules are the driver's, as attributes and
+        as modules (code written for psycopg2 imports ``<driver>.extensions``)."""
+        import importlib
+
+        for name in ("extensions", "extras", "errors", "sql", "tz"):
+            module = importlib.import_module(f"txfiberdb.dbapi.{name}")
+            self.assertIs(module, importlib.import_module(f"psycopg2.{name}"))
+            self.assertIs(getattr(dbapi, name), module)
+
     def test_connect_outside_fiber(self):
         d = run_in_fiber(lambda: None)  # keep the test itself in a fiber
         await_deferred(d)
@@ -56,6 +66,11 @@ class ModuleTests(DatabaseTestCase):
         with self.assertRaises(psycopg2.OperationalError) as ctx:
             dbapi.connect(host="127.0.0.1", port=number, user="x", dbname="x")
         self.assertIn("refused", str(ctx.exception).lower())
+        # As libpq's own messages do, it names the server.
+        self.assertIn(
+            f'connection to server at "127.0.0.1", port {number} failed',
+            str(ctx.exception),
+        )
 
     def test_connect_timeout(self):
         """A server that accepts and never answers: our own timer fires."""
@@ -71,6 +86,7 @@ class ModuleTests(DatabaseTestCase):
                 connect_timeout=0.3,
             )
         self.assertIn("timed out", str(ctx.exception))
+        self.assertIn(f"port {port.getHost().port}", str(ctx.exception))
         # From the DSN too, and as a string (a SQLAlchemy URL's query).
         with self.assertRaises(psycopg2.OperationalError):
             dbapi.connect(
@@ -80,6 +96,44 @@ class ModuleTests(DatabaseTestCase):
             dbapi.connect(
                 host="127.0.0.1", port=port.getHost().port, connect_timeout="0.3"
             )
+
+    def test_default_connect_timeout(self):
+        """With no connect_timeout anywhere, DEFAULT_CONNECT_TIMEOUT applies."""
+        silent = protocol.ServerFactory.forProtocol(protocol.Protocol)
+        port = reactor.listenTCP(0, silent, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.patch(dbapi, "DEFAULT_CONNECT_TIMEOUT", 0.3)
+        with self.assertRaises(psycopg2.OperationalError) as ctx:
+            dbapi.connect(host="127.0.0.1", port=port.getHost().port, user="x")
+        self.assertIn("timed out after 0.3 s", str(ctx.exception))
+
+    def test_connect_to_stopping_and_starting_server(self):
+        """
+        Connecting while a server shuts down or starts up fails with the
+        server's reason and logs nothing as unhandled (txpostgres's own
+        connect cycle raised into the reactor when libpq dropped its socket
+        half-way).
+        """
+        pg = TemporaryPostgres().start()
+        self.addCleanup(pg.stop)
+        outcomes = []
+
+        def attempt():
+            try:
+                dbapi.connect(pg.dsn(), connect_timeout=2).close()
+                outcomes.append("ok")
+            except psycopg2.OperationalError as e:
+                outcomes.append(str(e))
+
+        attempts = [run_in_fiber(attempt) for _ in range(20)]
+        pg.restart()  # blocking: the attempts are in flight meanwhile
+        attempts += [run_in_fiber(attempt) for _ in range(20)]
+        for d in attempts:
+            await_deferred(d)
+        self.assertEqual(len(outcomes), 40)
+        for outcome in outcomes:
+            if outcome != "ok":
+                self.assertIn("connection to server", outcome)
 
     def test_dropped_connection_is_closed(self):
         """A connection garbage-collected while open does not linger."""
@@ -274,7 +328,7 @@ class TransactionTests(DatabaseTestCase):
         for level, name in [
             (psycopg2.extensions.ISOLATION_LEVEL_SERIALIZABLE, "serializable"),
             ("REPEATABLE READ", "repeatable read"),
-            ("read_committed", "read committed"),
+            ("read committed", "read committed"),
             (None, "read committed"),
         ]:
             conn.isolation_level = level
@@ -303,8 +357,8 @@ class TransactionTests(DatabaseTestCase):
 
     def test_unsupported_raise_clearly(self):
         conn = self.connect()
-        self.assertRaises(psycopg2.NotSupportedError, conn.tpc_begin, "x")
         self.assertRaises(psycopg2.NotSupportedError, conn.lobject)
+        self.assertRaises(psycopg2.NotSupportedError, conn.set_client_encoding, "latin1")
 
 
 class ExecuteManyTests(DatabaseTestCase):
@@ -472,6 +526,41 @@ class TypeTests(DatabaseTestCase):
         self.assertFalse(self.connect().register_hstore())
 
 
+class UnstorableValueTests(DatabaseTestCase):
+    """
+    Values PostgreSQL cannot store are refused before anything is sent, as
+    psycopg2 does, but as a DataError (still a ValueError).
+    """
+
+    def check(self, value):
+        conn = self.connect()
+        cur = conn.cursor()
+        for run in (
+            lambda: cur.execute("SELECT %s", (value,)),
+            lambda: cur.executemany("SELECT %s", [("ok",), (value,)]),
+            lambda: conn.cursor("named").execute("SELECT %s", (value,)),
+        ):
+            with self.assertRaises(psycopg2.DataError) as ctx:
+                run()
+            self.assertIsInstance(ctx.exception, ValueError)
+            self.assertNotIn(value, str(ctx.exception))  # no data in messages
+            conn.rollback()
+        cur.execute("SELECT 1")  # the connection is fine
+        self.assertEqual(cur.fetchone(), (1,))
+
+    def test_nul_character(self):
+        self.check("secret\x00name")
+
+    def test_unpaired_surrogate(self):
+        self.check("secret\ud800name")
+
+    def test_other_value_errors_unchanged(self):
+        cur = self.connect().cursor()
+        with self.assertRaises(ValueError) as ctx:
+            cur.execute("SELECT %s %y", (1, 2))  # a programming error
+        self.assertNotIsInstance(ctx.exception, psycopg2.DataError)
+
+
 class FaultTests(DatabaseTestCase):
     def pid_of(self, conn):
         cur = conn.cursor()
@@ -481,15 +570,66 @@ class FaultTests(DatabaseTestCase):
         return pid
 
     def test_backend_killed_while_idle(self):
+        """
+        check_alive() learns that the server ended an idle connection
+        without a round trip; the connection then reports itself closed.
+        """
         conn = self.connect()
         pid = self.pid_of(conn)
+        self.assertTrue(conn.check_alive())
         self.admin("SELECT pg_terminate_backend(%s)", (pid,))
-        sleep(0.2)  # the reactor sees the socket close while idle
+        sleep(0.2)  # the server's goodbye reaches our socket
+        self.assertFalse(conn.check_alive())
         self.assertTrue(conn.closed)
         with self.assertRaises(psycopg2.InterfaceError) as ctx:
             conn.cursor().execute("SELECT 1")
-        self.assertIn("closed", str(ctx.exception))
+        self.assertIn("the server ended it while it was idle", str(ctx.exception))
         # Nothing logged as an unhandled error: trial would fail the test.
+
+    def test_backend_killed_while_idle_then_used(self):
+        """
+        Used without a check, a connection the server ended while idle fails
+        as psycopg2's does (OperationalError), then reports itself closed.
+        """
+        conn = self.connect()
+        pid = self.pid_of(conn)
+        self.admin("SELECT pg_terminate_backend(%s)", (pid,))
+        sleep(0.2)
+        with self.assertRaises(psycopg2.OperationalError):
+            conn.cursor().execute("SELECT 1")
+        self.assertTrue(conn.closed)
+        with self.assertRaises(psycopg2.InterfaceError):
+            conn.cursor().execute("SELECT 1")
+
+    def test_idle_connection_not_watched(self):
+        """
+        Outside a transaction, with no NOTIFY observer, a connection is not a
+        reactor selectable (trial's clean-reactor check, pooled connections
+        shared by tests); inside one, and with observers, it is.
+        """
+        conn = self.connect()
+        wire = conn._wire
+        cur = conn.cursor()
+        cur.execute("SELECT 1")  # opens a transaction
+        self.assertIn(wire, reactor.getReaders())
+        conn.rollback()
+        self.assertNotIn(wire, reactor.getReaders())
+        conn.autocommit = True
+        cur.execute("SELECT 1")
+        # Autocommit: watched between statements, until the unit of work
+        # ends (rollback()/commit(), which a pool's reset on return calls).
+        self.assertIn(wire, reactor.getReaders())
+        conn.rollback()
+        self.assertNotIn(wire, reactor.getReaders())
+        cur.execute("SELECT 1")
+        conn.autocommit = False
+        self.assertNotIn(wire, reactor.getReaders())
+        conn.autocommit = True
+        observer = lambda n: None  # noqa: E731
+        conn.add_notify_observer(observer)
+        self.assertIn(wire, reactor.getReaders())
+        conn.remove_notify_observer(observer)
+        self.assertNotIn(wire, reactor.getReaders())
 
     def test_backend_killed_mid_query(self):
         conn = self.connect()
@@ -618,13 +758,14 @@ class CancellationTests(DatabaseTestCase):
             sleep(0.02)
         self.fail("the cancelled fiber kept the connection")
 
-    def cancel_a_sleep(self, conn, running=0.2):
+    def cancel_a_sleep(self, conn, running=0.2, cursor=None):
         """
-        Start ``pg_sleep(30)`` on ``conn`` in a fiber, cancel the fiber after
-        ``running`` seconds, check the query ends on the server and the
-        fiber lets go of ``conn``.
+        Start ``pg_sleep(30)`` on ``conn`` (with ``cursor`` if given) in a
+        fiber, cancel the fiber after ``running`` seconds, check the query
+        ends on the server and the fiber lets go of ``conn``.
         """
-        d = run_in_fiber(conn.cursor().execute, "SELECT pg_sleep(30)")
+        cursor = cursor or conn.cursor()
+        d = run_in_fiber(cursor.execute, "SELECT pg_sleep(30)")
         sleep(running)
         self.assertEqual(self.active_sleeps(), 1)
         d.cancel()
@@ -654,8 +795,9 @@ class CancellationTests(DatabaseTestCase):
     def test_cancel_does_not_block_the_reactor(self):
         """The cancel goes through a connection the fiber waits on, not PQcancel."""
         conn = self.connect()
+        cursor = conn.cursor()  # a psycopg2 cursor: made before the spy
         pqcancels = self.spy_on_pqcancel(conn)
-        self.cancel_a_sleep(conn)
+        self.cancel_a_sleep(conn, cursor=cursor)
         self.assertEqual(pqcancels, [])
         conn.rollback()
 
@@ -675,8 +817,9 @@ class CancellationTests(DatabaseTestCase):
         port = start_proxy(self, target)
         conn = dbapi.connect(self.dsn, host="127.0.0.1", port=port)
         self.addCleanup(conn.close)
+        cursor = conn.cursor()
         pqcancels = self.spy_on_pqcancel(conn)
-        self.cancel_a_sleep(conn)
+        self.cancel_a_sleep(conn, cursor=cursor)
         self.assertEqual(pqcancels, [True])
         conn.rollback()
 

@@ -24,7 +24,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 import klein_demo
 from klein_demo.models import OrderLine, Product
 from klein_demo.tap import Options, ShopService, to_url
-from txfiberdb import await_deferred, pool_stats
+from txfiberdb import await_deferred, pool_stats, sleep
 
 from .support import DatabaseTestCase
 from .test_klein import HTTPClient, RawRequest, running_queries, wait_until
@@ -715,7 +715,12 @@ class OperationsTests(ShopTestCase):
 
 
 class ExhaustedPoolTests(ShopTestCase):
-    options = {"pool_size": 2, "max_overflow": 0, "pool_timeout": 0.2}
+    options = {
+        "pool_size": 2,
+        "max_overflow": 0,
+        "pool_timeout": 0.2,
+        "slow_route_concurrency": 2,
+    }
 
     def test_health_answers_while_the_pool_is_exhausted(self):
         holders = [
@@ -787,18 +792,53 @@ class OptionsTests(DatabaseTestCase):
         )
 
     def test_unreachable_database_fails_start(self):
+        """An expected failure: one line naming the server, no traceback."""
         from sqlalchemy.exc import OperationalError
+        from twisted.logger import formatEvent, globalLogPublisher
 
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         port = _free_port()  # nothing listens there
         shop = ShopService(
-            url=f"postgresql+txpostgres://postgres@127.0.0.1:{port}/none",
+            url=f"postgresql+txpostgres://postgres:hunter2@127.0.0.1:{port}/none",
             listen="tcp:0:interface=127.0.0.1",
         )
         shop.startService()
         self.addCleanup(lambda: await_deferred(shop.stopService()))
         self.assertRaises(OperationalError, await_deferred, shop.listening)
         self.assertIsNone(shop.port)
-        self.assertEqual(len(self.flushLoggedErrors(OperationalError)), 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        lines = [formatEvent(e) for e in events]
+        (line,) = [x for x in lines if "could not start" in x]
+        self.assertIn(f'"127.0.0.1", port {port}', line)
+        self.assertIn("refused", line)
+        self.assertFalse([x for x in lines if "hunter2" in x], lines)
+
+    def test_stop_while_starting_does_not_wait(self):
+        """
+        Stopped while start-up waits for a server that never answers: the
+        start-up is given up at once, not after the grace period.
+        """
+        from twisted.internet import protocol, reactor
+
+        silent = protocol.ServerFactory.forProtocol(protocol.Protocol)
+        listening = reactor.listenTCP(0, silent, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        shop = ShopService(
+            url=f"postgresql+txpostgres://x@127.0.0.1:{port}/x?connect_timeout=60",
+            listen="tcp:0:interface=127.0.0.1",
+            grace_period=60,
+        )
+        shop.startService()
+        outcome = []
+        shop.listening.addBoth(outcome.append)
+        sleep(0.3)
+        stopping = shop.stopService()
+        await_deferred(stopping.addTimeout(10, reactor))
+        self.assertTrue(outcome[0].check(CancelledError))
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_given_dsn_gets_schema_but_no_sample_data(self):
         shop = ShopService(url=self.url, listen="tcp:0:interface=127.0.0.1")

@@ -32,6 +32,7 @@ from sqlalchemy.orm import (
 )
 from twisted.internet.defer import CancelledError, gatherResults
 
+import txfiberdb
 from txfiberdb import (
     NotInFiberError,
     await_deferred,
@@ -328,15 +329,39 @@ class ORMTests(EngineTestCase):
             ).scalar()
         self.assertEqual(active, 0)
 
-    def test_disconnect_invalidates_and_pool_recovers(self):
+    def test_connection_dead_in_pool_is_replaced_at_checkout(self):
+        """
+        Backends killed while their connections sit idle in the pool: the
+        pool counts them as gone and hands out new ones, with no error and
+        no pre-ping round trip.
+        """
+        engine = create_engine(self.url, pool_size=5)
+        self.addCleanup(engine.dispose)
+        conns = [engine.connect() for _ in range(5)]
+        pids = [c.execute(text("SELECT pg_backend_pid()")).scalar() for c in conns]
+        for c in conns:
+            c.close()
+        self.assertEqual(txfiberdb.pool_stats(engine)["idle"], 5)
+        for pid in pids:
+            self.admin("SELECT pg_terminate_backend(%s)", (pid,))
+        sleep(0.2)
+        stats = txfiberdb.pool_stats(engine)
+        self.assertEqual((stats["idle"], stats["open"]), (0, 0))
+        for _ in range(10):
+            with engine.connect() as conn:
+                pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+                self.assertNotIn(pid, pids)
+
+    def test_disconnect_in_use_invalidates_and_pool_recovers(self):
+        """
+        A connection that dies while checked out fails as a disconnect
+        (``connection_invalidated``) and the pool recovers.
+        """
         with self.engine.connect() as conn:
             pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
-        self.admin("SELECT pg_terminate_backend(%s)", (pid,))
-        sleep(0.1)
-        # The pooled connection is dead: the first use fails as a disconnect,
-        # the pool drops it and the next checkout works.
-        with self.assertRaises(DBAPIError) as ctx:
-            with self.engine.connect() as conn:
+            self.admin("SELECT pg_terminate_backend(%s)", (pid,))
+            sleep(0.1)
+            with self.assertRaises(DBAPIError) as ctx:
                 conn.execute(text("SELECT 1"))
         self.assertTrue(ctx.exception.connection_invalidated)
         with self.engine.connect() as conn:

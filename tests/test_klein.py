@@ -7,16 +7,16 @@ Also home of the HTTP helpers (:class:`HTTPServer`, :class:`HTTPClient`,
 """
 
 import json
+import time
 
 import treq
 from klein import Klein
 from sqlalchemy import Column, Integer, MetaData, String, Table, select, text
-from sqlalchemy.exc import OperationalError
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
@@ -34,6 +34,8 @@ from txfiberdb.klein import (
 from txfiberdb.service import EngineService
 
 from .support import DatabaseTestCase
+
+_real_monotonic = time.monotonic
 
 # -- helpers (used by tests.test_demo too) ----------------------------------
 
@@ -267,6 +269,16 @@ def make_app(service, observed):
     def unserializable(request, session):
         return {"value": object()}
 
+    @routes.route("/pid")
+    def backend_pid(request, session):
+        return {"pid": session.execute(text("SELECT pg_backend_pid()")).scalar()}
+
+    @routes.route("/limited", concurrency=1, concurrency_timeout=0.5)
+    def limited(request, session):
+        seconds = float(request.args.get(b"seconds", [b"0"])[0])
+        session.execute(text("SELECT pg_sleep(:s) -- klein-limited"), {"s": seconds})
+        return {"slept": seconds}
+
     return app
 
 
@@ -380,14 +392,98 @@ class SessionTests(KleinTestCase):
         r = self.http.get("/werkzeug")
         self.assertEqual((r.code, r.json), (403, {"error": "not you"}))
 
-    def test_operational_error_is_503_logged(self):
+    def test_operational_error_is_503_one_line(self):
+        """
+        The database giving up is an expected failure: a 503 with
+        Retry-After, one warning line, no traceback, no SQL.
+        """
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         r = self.http.get("/timeout")
         self.assertEqual(r.code, 503)
         self.assertEqual(r.header("retry-after"), b"1")
-        self.assertIn("error_id", r.json)
-        self.assertEqual(len(self.flushLoggedErrors(OperationalError)), 1)
+        self.assertEqual(r.json, {"error": "database unavailable, try again later"})
+        self.assertEqual(self.flushLoggedErrors(), [])
+        warned = [e for e in events if e.get("failure_kind") == "database"]
+        self.assertEqual(len(warned), 1)
+        line = formatEvent(warned[0])
+        self.assertIn("statement timeout", line)
+        self.assertNotIn("pg_sleep", line)
+        self.assertNotIn("log_failure", warned[0])
         # The connection is fine afterwards.
         self.assertEqual(self.http.get("/dict").code, 200)
+
+    def test_repeated_failures_are_summarised(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for _ in range(5):
+            self.assertEqual(self.http.get("/timeout").code, 503)
+        warned = [e for e in events if e.get("failure_kind") == "database"]
+        self.assertEqual(len(warned), 1)
+        # The next line of that kind, after the interval, carries the count.
+        self.patch(time, "monotonic", lambda: _real_monotonic() + 60)
+        self.assertEqual(self.http.get("/timeout").code, 503)
+        warned = [e for e in events if e.get("failure_kind") == "database"]
+        self.assertEqual(len(warned), 2)
+        self.assertIn("4 more like it in the last 10 s", formatEvent(warned[1]))
+
+    def test_nul_in_input_is_400_not_500(self):
+        """
+        A value PostgreSQL cannot store reaches the driver as a DataError:
+        a 400 for any app, not only apps that validate their input.
+        """
+        for body in ("a\x00b", "a\ud800b"):
+            r = self.http.post("/notes", raw=json.dumps({"body": body}).encode())
+            self.assertEqual((r.code, r.json), (400, {"error": "invalid data"}))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(self.note_bodies(), [])
+
+    def test_disconnect_is_503_then_recovers(self):
+        """
+        Backends killed while their connections are idle in the pool: the
+        next requests are served on new connections.
+        """
+        pids = {self.http.get("/pid").json["pid"] for _ in range(3)}
+        for pid in pids:
+            self.admin("SELECT pg_terminate_backend(%s)", (pid,))
+        sleep(0.2)
+        for _ in range(10):
+            r = self.http.get("/pid")
+            self.assertEqual(r.code, 200)
+            self.assertNotIn(r.json["pid"], pids)
+
+
+class ConcurrencyLimitTests(KleinTestCase):
+    def test_route_limit(self):
+        """
+        concurrency=1: a second request waits for the first (holding no
+        connection), and gives up with a 503 after concurrency_timeout.
+        """
+        slow = self.http.start("GET", "/limited?seconds=2")
+        wait_until(lambda: running_queries(self.admin, "klein-limited"))
+        r = self.http.get("/limited")
+        self.assertEqual(r.code, 503)
+        self.assertEqual(r.header("retry-after"), b"1")
+        self.assertIn("too many requests for this route", r.json["error"])
+        # Other routes are served meanwhile, and the pool was not touched
+        # by the waiting request.
+        self.assertEqual(self.http.get("/dict").code, 200)
+        self.assertEqual(await_deferred(slow).code, 200)
+        self.assertEqual(self.http.get("/limited").code, 200)
+
+    def test_waiting_request_gets_its_turn(self):
+        first = self.http.start("GET", "/limited?seconds=0.2")
+        wait_until(lambda: running_queries(self.admin, "klein-limited"))
+        second = self.http.get("/limited")
+        self.assertEqual(second.code, 200)
+        self.assertEqual(await_deferred(first).code, 200)
+
+    def test_bad_limits_refused(self):
+        routes = FiberRoutes(self.service, Klein())
+        self.assertRaises(ValueError, routes.handler, concurrency=0)
+        self.assertRaises(ValueError, routes.handler, concurrency_timeout=0)
 
 
 class ReadJSONTests(KleinTestCase):

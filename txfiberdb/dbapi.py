@@ -14,13 +14,19 @@ psycopg2; this module hides the differences:
   read-only and deferrable settings of :meth:`Connection.set_session`) is sent
   in the same round trip as the first statement of a transaction; ``commit()``
   and ``rollback()`` send ``COMMIT``/``ROLLBACK``.  ``autocommit = True``
-  sends no ``BEGIN``.
+  sends no ``BEGIN`` (but ``with conn:`` does, as in psycopg2 2.9), and sends
+  the session settings as the server's ``default_transaction_*``.
+- Cursors are psycopg2 cursors whose ``execute`` parks the fiber: results,
+  ``scroll``, ``tzinfo_factory``, ``cursor_factory`` (``DictCursor``, ...) and
+  psycopg2's functions that take a cursor work as in psycopg2.
+- Two-phase commit (``xid``, ``tpc_*``) with ``PREPARE TRANSACTION``.
 - ``executemany`` sends a whole batch per round trip: ``INSERT ... VALUES``
   becomes one multi-row ``INSERT`` (exact ``rowcount``); other statements are
   sent as pages of ``;``-joined statements (``rowcount`` is then -1, as PEP
   249 allows).
 - Named (server-side) cursors are ``DECLARE``/``FETCH`` inside the
-  transaction, fetched in batches of ``itersize`` rows.
+  transaction, fetched in batches of ``itersize`` rows; a named cursor never
+  executed reads one declared elsewhere (a ``refcursor``).
 - COPY would wedge an asynchronous connection for good: it is refused before
   anything is sent.
 - ``connect_timeout`` is enforced with a reactor timer.
@@ -34,13 +40,17 @@ psycopg2; this module hides the differences:
 Errors are psycopg2's own classes, so ``except psycopg2.IntegrityError`` keeps
 working.  Types are converted as psycopg2 converts them (json, jsonb, uuid,
 arrays, numeric, ranges, ...); hstore after :meth:`Connection.register_hstore`.
+What still differs from psycopg2, and why: doc/howto/driver.md.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import select
 import socket
+import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
@@ -49,6 +59,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 import psycopg2.sql
+import psycopg2.tz
 from psycopg2 import (  # noqa: F401  (re-exported, PEP 249)
     BINARY,
     DATETIME,
@@ -77,10 +88,14 @@ from psycopg2.extensions import (
     POLL_OK,
     POLL_READ,
     POLL_WRITE,
+    STATUS_BEGIN,
+    STATUS_PREPARED,
+    STATUS_READY,
     TRANSACTION_STATUS_IDLE,
+    TRANSACTION_STATUS_INTRANS,
     TRANSACTION_STATUS_UNKNOWN,
 )
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import txpostgres
@@ -97,9 +112,11 @@ from txfiberdb.fiber import (
 )
 
 __all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
     "Connection",
     "Cursor",
     "ServerCursor",
+    "UnstorableValueError",
     "apilevel",
     "connect",
     "paramstyle",
@@ -109,12 +126,26 @@ __all__ = [
 apilevel = "2.0"
 threadsafety = 1
 paramstyle = "pyformat"
+# psycopg2's companion modules, as the driver's own: code written for psycopg2
+# finds ``<driver>.extensions``, ``.extras``, ``.errors``, ``.sql``, ``.tz``
+# here, as attributes and as modules (``import txfiberdb.dbapi.extensions``
+# works, the way ``import os.path`` does).  They are psycopg2's, unchanged:
+# what takes a connection takes a txfiberdb cursor or ``raw_connection``
+# (doc/howto/driver.md lists which).
 extensions = psycopg2.extensions
 extras = psycopg2.extras
 errors = psycopg2.errors
+sql = psycopg2.sql
+tz = psycopg2.tz
+for _name in ("extensions", "extras", "errors", "sql", "tz"):
+    sys.modules.setdefault(f"{__name__}.{_name}", getattr(psycopg2, _name))
 __version__ = psycopg2.__version__
 
 _log = Logger(namespace="txfiberdb.dbapi")
+
+#: Seconds :func:`connect` waits for a connection when neither its
+#: ``connect_timeout`` argument nor the DSN says (libpq waits for ever).
+DEFAULT_CONNECT_TIMEOUT = 10.0
 
 #: How long to wait for the server to confirm a cancel before giving the
 #: connection up (seconds).
@@ -127,6 +158,45 @@ _ISOLATION_NAMES = {
     psycopg2.extensions.ISOLATION_LEVEL_SERIALIZABLE: "SERIALIZABLE",
 }
 _ISOLATION_LEVELS = {name: level for level, name in _ISOLATION_NAMES.items()}
+# A readonly/deferrable state as a default_transaction_* parameter value.
+_GUC_STATE = {None: "default", True: "on", False: "off"}
+
+
+def _parse_isolation_level(value: Any) -> Optional[int]:
+    """
+    An isolation level as psycopg2 accepts it: None or "default" (any case)
+    for the server's default, 1-4, or a level's name (any case).
+    """
+    if value is None:
+        return None
+    if isinstance(value, int):
+        if not 1 <= value <= 4:
+            raise ValueError("isolation_level must be between 1 and 4")
+        return int(value)
+    name = value.decode() if isinstance(value, bytes) else str(value)
+    if name.upper() == "DEFAULT":
+        return None
+    if name.upper() in _ISOLATION_LEVELS:
+        return _ISOLATION_LEVELS[name.upper()]
+    raise ValueError(
+        f"bad value for isolation_level: {name!r}: use one of "
+        f"{sorted(_ISOLATION_LEVELS)}, 'default', or psycopg2's "
+        f"ISOLATION_LEVEL_* constants"
+    )
+
+
+def _parse_on_off(value: Any) -> Optional[bool]:
+    """readonly/deferrable as psycopg2 accepts them: None or "default" for
+    the server's default, otherwise the value's truth."""
+    if value is None:
+        return None
+    if type(value) in (str, bytes):
+        text = value.decode() if isinstance(value, bytes) else value
+        if text.lower() == "default":
+            return None
+        raise ValueError(f"the only string accepted is 'default'; got {text!r}")
+    return bool(value)
+
 
 # Statements (after comments) that start with COPY, anywhere in the string.
 _COPY = re.compile(
@@ -173,16 +243,65 @@ class _CancelUnconfirmed(Exception):
     """The server did not answer a cancel within CANCEL_GRACE."""
 
 
-def _sql_text(sql: Any, raw: Any) -> Any:
-    """``sql`` as str or bytes: a ``psycopg2.sql`` Composable is rendered."""
-    if isinstance(sql, (str, bytes)):
-        return sql
-    if isinstance(sql, psycopg2.sql.Composable):
-        return sql.as_string(raw)
-    raise TypeError(
-        f"a query must be str, bytes or psycopg2.sql.Composable, not "
-        f"{type(sql).__name__}"
+class UnstorableValueError(DataError, ValueError):
+    """
+    A parameter PostgreSQL cannot store: a NUL character in text, or a
+    string that is not valid Unicode (an unpaired surrogate).  psycopg2
+    raises a bare ``ValueError`` before anything is sent; this is that
+    ``ValueError`` and also a DB-API ``DataError``, so SQLAlchemy raises its
+    ``DataError`` (a client's bad input, not a server fault).
+    """
+
+
+def _is_unstorable(error: ValueError) -> bool:
+    return isinstance(error, UnicodeEncodeError) or "NUL (0x00)" in str(error)
+
+
+def _unstorable(error: ValueError) -> UnstorableValueError:
+    what = (
+        "text that is not valid Unicode (an unpaired surrogate)"
+        if isinstance(error, UnicodeEncodeError)
+        else "a NUL (0x00) character in text"
     )
+    return UnstorableValueError(
+        f"a query parameter cannot be sent to PostgreSQL: {what}, which "
+        f"PostgreSQL cannot store; reject or clean such input first"
+    )
+
+
+def _refusing_unstorable(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn psycopg2's ValueError for unstorable parameters into a DataError."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except UnstorableValueError:
+            raise
+        except ValueError as e:
+            if _is_unstorable(e):
+                raise _unstorable(e) from None
+            raise
+
+    return wrapper
+
+
+def _sql_text(sql: Any, raw: Any) -> Any:
+    """
+    ``sql`` as str or bytes: a ``psycopg2.sql`` Composable is rendered with
+    the raw connection ``raw``.  An empty query is refused as psycopg2 does
+    (the ``BEGIN`` sent before it would otherwise hide it from the server).
+    """
+    if isinstance(sql, psycopg2.sql.Composable):
+        sql = sql.as_string(raw)
+    elif not isinstance(sql, (str, bytes)):
+        raise TypeError(
+            f"a query must be str, bytes or psycopg2.sql.Composable, not "
+            f"{type(sql).__name__}"
+        )
+    if not sql or sql.isspace():
+        raise ProgrammingError("can't execute an empty query")
+    return sql
 
 
 def _refuse_copy(sql: Any) -> None:
@@ -192,13 +311,75 @@ def _refuse_copy(sql: Any) -> None:
         raise NotSupportedError(_COPY_REFUSED)
 
 
+def _ensure_xid(xid: Any) -> Any:
+    """An Xid as psycopg2 takes one: an Xid, or a string (parsed if psycopg2
+    made it, else kept whole as the server's transaction id)."""
+    if isinstance(xid, psycopg2.extensions.Xid):
+        return xid
+    if not isinstance(xid, (str, bytes)):
+        raise TypeError("not a valid transaction id: pass conn.xid(...) or a string")
+    return psycopg2.extensions.Xid.from_string(xid)
+
+
+class RecoveredXid(psycopg2.extensions.Xid):  # type: ignore[misc]
+    """
+    A transaction id read back by :meth:`Connection.tpc_recover`: psycopg2's
+    ``Xid`` (the same ``format_id``, ``gtrid``, ``bqual``, indexing and
+    ``str()``), with ``prepared``, ``owner`` and ``database`` from
+    ``pg_prepared_xacts``.  psycopg2 fills those in C; from Python its Xid
+    can only be subclassed to carry them.
+    """
+
+    def __init__(self, gid: str, prepared: Any, owner: str, database: str) -> None:
+        parsed = psycopg2.extensions.Xid.from_string(gid)
+        if parsed.format_id is None:
+            super().__init__(0, "", "")  # placeholders: an unparsed id
+        else:
+            super().__init__(parsed.format_id, parsed.gtrid, parsed.bqual)
+        self._parsed = parsed
+        self._gid = gid
+        self._prepared = prepared
+        self._owner = owner
+        self._database = database
+
+    format_id = property(lambda self: self._parsed.format_id)
+    gtrid = property(lambda self: self._parsed.gtrid)
+    bqual = property(lambda self: self._parsed.bqual)
+    prepared = property(lambda self: self._prepared, doc="When it was prepared.")
+    owner = property(lambda self: self._owner, doc="The role that prepared it.")
+    database = property(lambda self: self._database, doc="Its database.")
+
+    def __getitem__(self, index: int) -> Any:
+        return self._parsed[index]
+
+    def __len__(self) -> int:
+        return 3
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(tuple(self._parsed))
+
+    def __str__(self) -> str:
+        return self._gid
+
+    def __repr__(self) -> str:
+        return repr(self._parsed)
+
+
 class _Wire(txpostgres.Connection):
     """
     txpostgres's Connection, with a lean path for a connection that one fiber
-    owns at a time: the reader stays registered, one poll per readable event,
-    no lock and no extra reactor turn per result.  Connecting, closing and
-    NOTIFY delivery are txpostgres's own.
+    owns at a time: one poll per readable event, no lock and no extra reactor
+    turn per result.  Closing and NOTIFY delivery are txpostgres's own.
+
+    The socket is watched by the reactor only while it matters: while a
+    query runs, while a transaction is open, and while NOTIFY observers are
+    registered.  An idle connection in a pool is not a reactor selectable
+    (trial's clean-reactor check, a pool shared by many tests); whatever the
+    server sent it meanwhile (its end, most often) is read by
+    :meth:`check_idle`, without a round trip.
     """
+
+    _pollingD: Optional[Deferred[Any]]
 
     def __init__(self, reactor: Any) -> None:
         super().__init__(reactor=reactor)
@@ -206,8 +387,54 @@ class _Wire(txpostgres.Connection):
         self.fiber: Any = None  # the fiber parked on it
         self.outcome: Any = None  # its outcome, when nobody was parked
         self.lost: Optional[str] = None
+        self.watching = False  # the socket is registered with the reactor
+        self.linger = False  # autocommit: stay watched between statements
         self._fd = -1
         self.local_port: Optional[int] = None  # our end's TCP port
+
+    # -- connecting: our own poll cycle (txpostgres's raises into the reactor
+    # when libpq drops its socket half-way, e.g. while a server starts or
+    # stops: "file descriptor cannot be a negative integer") -------------------
+
+    def connect(self, params: str) -> Deferred[Any]:  # type: ignore[override]
+        """Start connecting; the Deferred fires with self, or fails."""
+        try:
+            self._connection = psycopg2.connect(params, async_=True)
+        except BaseException:
+            return fail()
+        d: Deferred[Any] = Deferred()
+        self._pollingD = d
+        self._connect_step()
+        return d
+
+    def _connect_step(self) -> None:
+        d = self._pollingD
+        if d is None:
+            return
+        try:
+            state = self._connection.poll()
+            if state == POLL_OK:
+                self._pollingD = None
+                d.callback(self)
+                return
+            if state not in (POLL_READ, POLL_WRITE):
+                raise OperationalError(f"unexpected poll() result {state!r}")
+            if self._connection.closed or self._connection.fileno() < 0:
+                raise OperationalError("the server closed the connection")
+            if state == POLL_READ:
+                self.reactor.addReader(self)
+            else:
+                self.reactor.addWriter(self)
+        except BaseException:
+            self._pollingD = None
+            self._unwatch_connecting()
+            d.errback(Failure())
+
+    def _unwatch_connecting(self) -> None:
+        self.reactor.removeReader(self)
+        self.reactor.removeWriter(self)
+
+    # -- connected -----------------------------------------------------------
 
     def adopt_socket(self) -> None:
         """
@@ -217,9 +444,8 @@ class _Wire(txpostgres.Connection):
         number may be reused by the next connection).  Our duplicate stays
         valid until :meth:`_forget` unregisters and closes it.
         """
-        self.reactor.removeReader(self)
+        self._unwatch_connecting()
         self._fd = os.dup(self._connection.fileno())
-        self.reactor.addReader(self)
         try:
             with socket.socket(fileno=os.dup(self._fd)) as sock:
                 local = sock.getsockname()
@@ -232,8 +458,52 @@ class _Wire(txpostgres.Connection):
             return self._fd
         return super().fileno()  # type: ignore[no-any-return]
 
+    def watch(self) -> None:
+        if not self.watching and self._fd >= 0:
+            self.watching = True
+            self.reactor.addReader(self)
+
+    def unwatch_if_idle(self, force: bool = False) -> None:
+        """
+        Stop watching the socket if nothing needs it watched.  In autocommit
+        mode (``linger``) the socket stays watched between statements, to
+        save the reactor two calls per statement, until ``force`` (the end of
+        a unit of work: ``commit()``/``rollback()``, which a pool's reset on
+        return calls, or leaving autocommit).
+        """
+        if (
+            self.watching
+            and (force or not self.linger)
+            and not self.busy
+            and not self._notifyObservers
+            and self._connection.get_transaction_status() == TRANSACTION_STATUS_IDLE
+        ):
+            self.watching = False
+            self.reactor.removeReader(self)
+
+    def check_idle(self) -> bool:
+        """
+        Whether the connection is usable, learnt without a round trip: when
+        the socket is not watched, read what the server sent meanwhile (a
+        notice, a NOTIFY, or the end of the connection).
+        """
+        if self._connection.closed or self._fd < 0:
+            return False
+        if self.watching or self.busy:
+            return True  # the reactor reads it as it comes
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        # The server's goodbye is an error message (read as a notice), then
+        # the end of the stream: a few reads, while there is something.
+        for _ in range(4):
+            if self._fd < 0 or not poller.poll(0):
+                break
+            self._read_idle()
+        return not self._connection.closed and self._fd >= 0
+
     def close(self) -> None:
         if self._fd < 0:
+            self._unwatch_connecting()
             super().close()  # still connecting: txpostgres's own
             return
         self._forget()
@@ -244,6 +514,7 @@ class _Wire(txpostgres.Connection):
         """Drive the query just sent; whether it is still in progress."""
         self.busy = True
         self.outcome = None
+        self.watch()
         self._advance()
         return self.busy
 
@@ -278,38 +549,47 @@ class _Wire(txpostgres.Connection):
         self.busy = False
         if self._connection.closed and self._fd >= 0:
             self._forget()
+        elif self._fd >= 0:
+            self.unwatch_if_idle()
         fib, self.fiber = self.fiber, None
         if fib is not None:
             unpark(fib, result)
         else:
             self.outcome = result
 
+    def _read_idle(self) -> None:
+        # Idle: a NOTIFY, a notice, or the server ending the connection.
+        try:
+            self._connection.poll()
+        except psycopg2.Error as e:
+            self.lost = str(e).strip() or e.__class__.__name__
+            _log.info(
+                "connection to PostgreSQL lost while idle: {reason}",
+                reason=self.lost.splitlines()[0],
+            )
+            self._forget()
+            return
+        if self._connection.closed:
+            self.lost = "the server closed the connection"
+            self._forget()
+
     def doRead(self) -> None:
-        if self._pollingD is not None:  # connecting: txpostgres's own cycle
-            super().doRead()
+        if self._pollingD is not None:  # connecting
+            self.reactor.removeReader(self)
+            self._connect_step()
             return
         if self.busy:
             self._advance()
         elif not self._connection.closed:
-            # Idle: a NOTIFY, a notice, or the server ending the connection.
-            try:
-                self._connection.poll()
-            except psycopg2.Error as e:
-                self.lost = str(e).strip() or e.__class__.__name__
-                _log.info(
-                    "connection to PostgreSQL lost while idle: {reason}",
-                    reason=self.lost,
-                )
-                self._forget()
-                return
+            self._read_idle()
         if self._connection.notifies:
             self.checkForNotifies()
 
     def doWrite(self) -> None:
-        if self._pollingD is not None:
-            super().doWrite()
-            return
         self.reactor.removeWriter(self)
+        if self._pollingD is not None:  # connecting
+            self._connect_step()
+            return
         if self.busy:
             self._advance()
 
@@ -328,6 +608,7 @@ class _Wire(txpostgres.Connection):
         if self._fd >= 0:
             self.reactor.removeReader(self)
             self.reactor.removeWriter(self)
+            self.watching = False
             os.close(self._fd)
             self._fd = -1
         if not self._connection.closed:
@@ -346,23 +627,42 @@ def connect(
     :param dsn: a libpq connection string or URL; keyword arguments (``host``,
         ``port``, ``user``, ``password``, ``dbname``, any libpq parameter) add
         to or override it.
-    :param connect_timeout: seconds; also read from the DSN.  psycopg2
-        ignores it for asynchronous connections, so a reactor timer enforces
-        it here (``OperationalError`` when it expires).
+    :param cursor_factory: the connection's default ``cursor_factory`` (a
+        psycopg2 cursor class: ``DictCursor``, ...), as psycopg2's
+        ``connect()`` takes it.  (``connection_factory`` is refused with
+        ``NotSupportedError``.)
+    :param connect_timeout: seconds for the whole connection attempt; also
+        read from the DSN; :data:`DEFAULT_CONNECT_TIMEOUT` (10 s) when given
+        nowhere, 0 for no limit.  psycopg2 ignores it for asynchronous
+        connections, so a reactor timer enforces it here
+        (``OperationalError`` when it expires).
+    :raise OperationalError: the server cannot be reached, refused the
+        connection or did not answer in time; the message names the host and
+        port, as libpq's do.
     :raise NotInFiberError: outside a fiber.
     """
     if not in_fiber():
         raise NotInFiberError(
             "txfiberdb.dbapi.connect() called outside a fiber: it waits for the "
             "server. Call it from code started with txfiberdb.run_in_fiber() "
-            "or @txfiberdb.fibered."
+            "or @txfiberdb.fibered (or from blocking code, through "
+            "txfiberdb.run_blocking())."
         )
     if reactor is None:
         from twisted.internet import reactor
+    cursor_factory = kwargs.pop("cursor_factory", None)
+    if kwargs.pop("connection_factory", None) is not None:
+        raise NotSupportedError(
+            "connection_factory is not supported: a txfiberdb connection wraps "
+            "an asynchronous psycopg2 connection that txpostgres makes; set "
+            "cursor_factory (here or on the connection) for other rows"
+        )
     params = psycopg2.extensions.make_dsn(dsn, **kwargs)
     if connect_timeout is None:
         from_dsn = psycopg2.extensions.parse_dsn(params).get("connect_timeout")
-        connect_timeout = float(from_dsn) if from_dsn else None
+        connect_timeout = (
+            float(from_dsn) if from_dsn is not None else DEFAULT_CONNECT_TIMEOUT
+        )
     elif isinstance(connect_timeout, str):  # from a URL's query string
         connect_timeout = float(connect_timeout)
     wire = _Wire(reactor)
@@ -381,10 +681,12 @@ def connect(
         if outcome == ["timeout"]:
             r = Failure(
                 OperationalError(
-                    f"connection to server timed out after {connect_timeout} s "
-                    f"(connect_timeout)"
+                    f"{_server_name(params, wire._connection)} failed: timed out "
+                    f"after {connect_timeout:g} s (connect_timeout)"
                 )
             )
+        elif isinstance(r, Failure) and r.check(psycopg2.OperationalError):
+            r = Failure(_with_server_name(r.value, params, wire._connection))  # type: ignore[arg-type]
         if isinstance(r, Failure):
             result.errback(r)
         else:
@@ -409,7 +711,44 @@ def connect(
     except BaseException:
         wire.close()
         raise
-    return Connection(wire, params)
+    conn = Connection(wire, params)
+    if cursor_factory is not None:
+        conn.cursor_factory = cursor_factory
+    return conn
+
+
+def _server_name(params: str, raw: Any) -> str:
+    """``connection to server at "host", port N``, as libpq words it."""
+    host = port = None
+    if raw is not None:
+        try:
+            host, port = raw.info.host, raw.info.port
+        except (psycopg2.Error, AttributeError):
+            pass
+    if not host:
+        parsed = psycopg2.extensions.parse_dsn(params)
+        host = (
+            parsed.get("hostaddr")
+            or parsed.get("host")
+            or os.environ.get("PGHOST", "/var/run/postgresql")
+        )
+        port = parsed.get("port") or os.environ.get("PGPORT", "5432")
+    if str(host).startswith("/"):
+        return f'connection to server on socket "{host}/.s.PGSQL.{port}"'
+    return f'connection to server at "{host}", port {port}'
+
+
+def _with_server_name(error: Exception, params: str, raw: Any) -> Exception:
+    """
+    ``error`` with the server named, when libpq did not (its messages for
+    asynchronous connections often say only "Connection refused").
+    """
+    message = str(error).strip()
+    if message.startswith("connection to server"):
+        return error
+    named = type(error)(f"{_server_name(params, raw)} failed: {message}")
+    named.__cause__ = error
+    return named
 
 
 def _close_forgotten(wire: _Wire) -> None:
@@ -455,8 +794,14 @@ class Connection:
         self._deferrable: Optional[bool] = None
         self._begin = "BEGIN"
         self._user: Any = None
-        self._cursor_factory: Optional[Callable[..., Any]] = None
         self._ctl: Any = None
+        #: Default ``cursor_factory`` of :meth:`cursor` (as psycopg2's).
+        self.cursor_factory: Optional[Callable[..., Any]] = None
+        self._entered = False  # inside ``with conn:``
+        self._tpc_xid: Any = None  # the Xid of tpc_begin()
+        self._tpc_prepared = False  # after tpc_prepare()
+        self._closed_by_user = False
+        self._gucs: set[str] = set()  # default_transaction_* we set (autocommit)
         # Dropped without close(): the reactor's reader and the server's
         # backend would otherwise outlive it for as long as the process.
         self._finalizer = weakref.finalize(self, _close_forgotten, wire)
@@ -466,12 +811,21 @@ class Connection:
 
     @property
     def raw_connection(self) -> Any:
-        """The underlying asynchronous psycopg2 connection (for type set-up)."""
+        """
+        The underlying asynchronous psycopg2 connection, for psycopg2's
+        functions that want a psycopg2 connection (``register_type``,
+        ``extras.register_uuid``, ``quote_ident``, ``sql.Composable.as_string``;
+        doc/howto/driver.md lists them).  Run no queries on it: they would
+        not wait for the server.
+        """
         return self._raw
 
     @property
     def closed(self) -> int:
-        """0 while open, 1 after :meth:`close`, 2 when the server ended it."""
+        """0 while open, 1 after :meth:`close`, 2 when the server ended it
+        (and :meth:`close` was not called since), as psycopg2's."""
+        if self._closed_by_user:
+            return 1
         return int(self._raw.closed)
 
     @property
@@ -501,7 +855,16 @@ class Connection:
 
     @property
     def status(self) -> int:
-        return self._raw.status  # type: ignore[no-any-return]
+        """
+        psycopg2's ``STATUS_READY``, ``STATUS_BEGIN`` (inside a transaction
+        the driver began: outside autocommit, or in a ``with conn:`` block)
+        or ``STATUS_PREPARED`` (after :meth:`tpc_prepare`).
+        """
+        if self._tpc_prepared:
+            return STATUS_PREPARED  # type: ignore[no-any-return]
+        if (not self._autocommit or self._entered) and self.in_transaction:
+            return STATUS_BEGIN  # type: ignore[no-any-return]
+        return STATUS_READY  # type: ignore[no-any-return]
 
     def get_backend_pid(self) -> int:
         return self._raw.get_backend_pid()  # type: ignore[no-any-return]
@@ -523,21 +886,20 @@ class Connection:
 
     # -- session settings ----------------------------------------------------
 
-    def _check_no_transaction(self, what: str) -> None:
-        if self.in_transaction:
-            raise ProgrammingError(
-                f"{what} cannot be used inside a transaction: commit() or "
-                f"rollback() first"
-            )
+    def _check_settable(self, what: str) -> None:
+        """psycopg2's checks before a session setting changes."""
+        self._check_open()
+        if self.status != STATUS_READY:
+            raise ProgrammingError(f"{what} cannot be used inside a transaction")
 
     @property
     def autocommit(self) -> bool:
         return self._autocommit
 
     @autocommit.setter
-    def autocommit(self, value: bool) -> None:
-        self._check_no_transaction("set_session")
-        self._autocommit = bool(value)
+    def autocommit(self, value: Any) -> None:
+        self._check_settable("set_session")
+        self._set_session(autocommit=bool(value))
 
     @property
     def isolation_level(self) -> Optional[int]:
@@ -546,50 +908,109 @@ class Connection:
 
     @isolation_level.setter
     def isolation_level(self, value: Any) -> None:
-        self.set_session(isolation_level=value)
+        self._check_settable("set_session")
+        self._set_session(isolation_level=_parse_isolation_level(value))
 
     @property
     def readonly(self) -> Optional[bool]:
         return self._readonly
 
     @readonly.setter
-    def readonly(self, value: Optional[bool]) -> None:
-        self.set_session(readonly=value)
+    def readonly(self, value: Any) -> None:
+        self._check_settable("set_session")
+        self._set_session(readonly=_parse_on_off(value))
 
     @property
     def deferrable(self) -> Optional[bool]:
         return self._deferrable
 
     @deferrable.setter
-    def deferrable(self, value: Optional[bool]) -> None:
-        self.set_session(deferrable=value)
-
-    _UNSET: Any = object()
+    def deferrable(self, value: Any) -> None:
+        self._check_settable("set_session")
+        self._set_session(deferrable=_parse_on_off(value))
 
     def set_session(
         self,
-        isolation_level: Any = _UNSET,
-        readonly: Any = _UNSET,
-        deferrable: Any = _UNSET,
-        autocommit: Any = _UNSET,
+        isolation_level: Any = None,
+        readonly: Any = None,
+        deferrable: Any = None,
+        autocommit: Any = None,
     ) -> None:
         """
-        As psycopg2's: the settings apply to the transactions begun from now
-        on (``BEGIN ISOLATION LEVEL ... READ ONLY DEFERRABLE``).  Levels are
-        ``ISOLATION_LEVEL_*`` constants or names (``"REPEATABLE READ"``);
-        ``None``/``"DEFAULT"`` means the server's default.
+        As psycopg2's: ``None`` leaves a setting unchanged; ``"default"``
+        means the server's default.  Levels are ``ISOLATION_LEVEL_*``
+        constants (1-4) or their names (``"REPEATABLE READ"``).  Outside
+        autocommit the settings go into the ``BEGIN`` of each transaction;
+        in autocommit mode they are sent at once as the session's
+        ``default_transaction_*`` parameters, so each statement's implicit
+        transaction has them (as psycopg2 does).
         """
-        self._check_no_transaction("set_session")
-        if isolation_level is not self._UNSET:
-            self._isolation_level = self._level(isolation_level)
-        if readonly is not self._UNSET:
-            self._readonly = None if readonly in (None, "DEFAULT") else bool(readonly)
-        if deferrable is not self._UNSET:
-            self._deferrable = (
-                None if deferrable in (None, "DEFAULT") else bool(deferrable)
+        self._check_settable("set_session")
+        changes: dict[str, Any] = {}
+        if isolation_level is not None:
+            changes["isolation_level"] = _parse_isolation_level(isolation_level)
+        if readonly is not None:
+            changes["readonly"] = _parse_on_off(readonly)
+        if deferrable is not None:
+            changes["deferrable"] = _parse_on_off(deferrable)
+        if autocommit is not None:
+            changes["autocommit"] = bool(autocommit)
+        self._set_session(**changes)
+
+    def _set_session(self, **changes: Any) -> None:
+        """
+        Apply checked settings, as psycopg2's ``conn_set_session``: in
+        autocommit mode (or entering it) the given characteristics become the
+        session's defaults on the server; leaving autocommit resets the
+        non-default ones, so that ``BEGIN`` alone decides.
+        """
+        autocommit = changes.get("autocommit", self._autocommit)
+        gucs: list[tuple[str, str]] = []
+        if autocommit:
+            if "isolation_level" in changes:
+                level = changes["isolation_level"]
+                gucs.append(
+                    (
+                        "default_transaction_isolation",
+                        "default" if level is None else _ISOLATION_NAMES[level],
+                    )
+                )
+            for key, guc in (
+                ("readonly", "default_transaction_read_only"),
+                ("deferrable", "default_transaction_deferrable"),
+            ):
+                if key in changes:
+                    gucs.append((guc, _GUC_STATE[changes[key]]))
+        elif self._autocommit:
+            # psycopg2 resets every non-default one; those never sent are at
+            # their default already (so toggling autocommit, as pool pings
+            # do, costs no round trip).
+            gucs.extend((name, "default") for name in sorted(self._gucs))
+        if gucs:
+            sql = ";".join(
+                f"SET {name} TO DEFAULT"
+                if value == "default"
+                else f"SET {name} TO '{value}'"
+                for name, value in gucs
             )
-        if autocommit is not self._UNSET:
-            self._autocommit = bool(autocommit)
+            raw = self._control_cursor()
+            self._run(lambda: raw.execute(sql))
+            for name, value in gucs:
+                if value == "default":
+                    self._gucs.discard(name)
+                else:
+                    self._gucs.add(name)
+        if "autocommit" in changes:
+            self._autocommit = changes["autocommit"]
+            self._wire.linger = self._autocommit
+            if not self._autocommit:
+                self._wire.unwatch_if_idle(force=True)
+        if "isolation_level" in changes:
+            self._isolation_level = changes["isolation_level"]
+        if "readonly" in changes:
+            self._readonly = changes["readonly"]
+        if "deferrable" in changes:
+            self._deferrable = changes["deferrable"]
         parts = ["BEGIN"]
         if self._isolation_level is not None:
             parts.append("ISOLATION LEVEL " + _ISOLATION_NAMES[self._isolation_level])
@@ -600,28 +1021,30 @@ class Connection:
         self._begin = " ".join(parts)
 
     def set_isolation_level(self, level: Any) -> None:
-        """psycopg2's older API: 0 (``ISOLATION_LEVEL_AUTOCOMMIT``) is autocommit."""
-        if level == psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT:
-            self.set_session(autocommit=True)
+        """
+        psycopg2's older API: rolls back the transaction in progress, then
+        0 (``ISOLATION_LEVEL_AUTOCOMMIT``) turns autocommit on, 1-4 turn it
+        off with that level, None turns it off with the server's default.
+        """
+        self._check_open()
+        if self._tpc_prepared:
+            raise ProgrammingError(
+                "isolation_level cannot be used with a prepared two-phase transaction"
+            )
+        if level is None:
+            parsed: Optional[int] = None
+        elif isinstance(level, int):
+            if not 0 <= level <= 4:
+                raise ValueError("isolation level must be between 0 and 4")
+            parsed = level
         else:
-            self.set_session(isolation_level=level, autocommit=False)
-
-    @staticmethod
-    def _level(value: Any) -> Optional[int]:
-        if value is None:
-            return None
-        if isinstance(value, str):
-            name = value.upper().replace("_", " ")
-            if name == "DEFAULT":
-                return None
-            if name in _ISOLATION_LEVELS:
-                return _ISOLATION_LEVELS[name]
-        elif value in _ISOLATION_NAMES:
-            return int(value)
-        raise ValueError(
-            f"bad isolation level {value!r}: use one of "
-            f"{sorted(_ISOLATION_LEVELS)} or psycopg2's ISOLATION_LEVEL_* constants"
-        )
+            parsed = _parse_isolation_level(level)
+        if self.in_transaction:
+            self._rollback()
+        if parsed == psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT:
+            self._set_session(autocommit=True)
+        else:
+            self._set_session(autocommit=False, isolation_level=parsed)
 
     # -- the wire -----------------------------------------------------------
 
@@ -779,7 +1202,15 @@ class Connection:
             helper.close()
 
     def _begin_prefix(self) -> str:
-        if self._autocommit or self.in_transaction:
+        """
+        What to send before a statement: ``BEGIN ...;`` when it opens a
+        transaction.  A prepared two-phase transaction allows no statement.
+        """
+        if self._tpc_prepared:
+            raise ProgrammingError(
+                "execute cannot be used with a prepared two-phase transaction"
+            )
+        if (self._autocommit and not self._entered) or self.in_transaction:
             return ""
         return self._begin + ";"
 
@@ -792,28 +1223,55 @@ class Connection:
         withhold: bool = False,
         scrollable: Optional[bool] = None,
     ) -> Cursor:
-        """A cursor; with ``name``, a server-side cursor (:class:`ServerCursor`)."""
+        """
+        A cursor; with ``name``, a server-side cursor (:class:`ServerCursor`).
+
+        ``cursor_factory`` (or the connection's :attr:`cursor_factory`) is a
+        subclass of ``psycopg2.extensions.cursor``: psycopg2.extras'
+        ``DictCursor``, ``RealDictCursor``, ``NamedTupleCursor`` or your own.
+        The cursor returned is an instance of it (and of :class:`Cursor`):
+        its rows are the factory's, its queries park the fiber.
+        """
         self._check_open()
-        factory = cursor_factory or self._cursor_factory
-        if name is not None:
-            return ServerCursor(self, name, withhold=withhold, scrollable=scrollable)
-        if factory is not None:
-            return factory(self)  # type: ignore[no-any-return]
-        return Cursor(self)
+        if name is None and withhold is not False:
+            raise ProgrammingError("trying to set .withhold on unnamed cursor")
+        if name is None and scrollable is not None:
+            raise ProgrammingError("trying to set .scrollable on unnamed cursor")
+        factory = cursor_factory or self.cursor_factory
+        cls = _cursor_class(ServerCursor if name is not None else Cursor, factory)
+        if name is None:
+            return cls(self)
+        cur = cls(self, name)
+        cur.withhold = withhold
+        cur.scrollable = scrollable
+        return cur  # type: ignore[no-any-return]
 
     def commit(self) -> None:
         """Commit the open transaction (no-op when none is open)."""
         self._check_open()
+        if self._tpc_xid is not None:
+            raise ProgrammingError(
+                "commit cannot be used during a two-phase transaction"
+            )
         if self.in_transaction:
             raw = self._control_cursor()
             self._run(lambda: raw.execute("COMMIT"))
+        self._wire.unwatch_if_idle(force=True)
 
     def rollback(self) -> None:
         """Roll back the open transaction (no-op when none is open)."""
         self._check_open()
+        if self._tpc_xid is not None:
+            raise ProgrammingError(
+                "rollback cannot be used during a two-phase transaction"
+            )
+        self._rollback()
+
+    def _rollback(self) -> None:
         if self.in_transaction:
             raw = self._control_cursor()
             self._run(lambda: raw.execute("ROLLBACK"))
+        self._wire.unwatch_if_idle(force=True)
 
     def _control_cursor(self) -> Any:
         """A raw cursor kept for COMMIT and ROLLBACK."""
@@ -824,6 +1282,7 @@ class Connection:
     def close(self) -> None:
         """Close the connection (the server rolls back an open transaction)."""
         self._finalizer.detach()
+        self._closed_by_user = True
         if self._wire._connection is not None:
             self._wire.close()
 
@@ -874,24 +1333,144 @@ class Connection:
         return True
 
     def add_notify_observer(self, observer: Callable[[Any], Any]) -> None:
-        """Call ``observer(notify)`` for each NOTIFY received (after LISTEN)."""
+        """
+        Call ``observer(notify)`` for each NOTIFY received (after LISTEN).
+        While a connection has observers, the reactor watches its socket, so
+        notifications arrive as they are sent, also while it is idle.
+        """
         self._wire.addNotifyObserver(observer)
+        self._wire.watch()
 
     def remove_notify_observer(self, observer: Callable[[Any], Any]) -> None:
         self._wire.removeNotifyObserver(observer)
+        if not self._raw.closed:
+            self._wire.unwatch_if_idle(force=True)
+
+    def check_alive(self) -> bool:
+        """
+        Whether the connection is still usable, learnt without a round trip:
+        what the server sent while the connection was idle is read (a server
+        that ended the connection, killed backend or restart, says so before
+        it closes the socket).  False once closed.  The pool calls this at
+        checkout, so a connection that died in the pool is replaced instead
+        of being handed out.
+        """
+        return self._wire.check_idle()
+
+    # -- two-phase commit (PEP 249's optional tpc_* extension) -----------------
+
+    def xid(self, format_id: int, gtrid: str, bqual: str) -> Any:
+        """A transaction id for :meth:`tpc_begin`: psycopg2's own ``Xid``."""
+        self._check_open()
+        return psycopg2.extensions.Xid(format_id, gtrid, bqual)
+
+    def tpc_begin(self, xid: Any) -> None:
+        """
+        Begin a two-phase transaction with ``xid`` (an :meth:`xid` or a
+        string, used as the server's transaction id as it is).  As psycopg2,
+        refused inside a transaction and in autocommit mode.  PostgreSQL
+        needs ``max_prepared_transactions`` > 0 for :meth:`tpc_prepare`.
+        """
+        self._check_open()
+        if self.status != STATUS_READY:
+            raise ProgrammingError("tpc_begin cannot be used inside a transaction")
+        xid = _ensure_xid(xid)
+        if self._autocommit:
+            raise ProgrammingError("tpc_begin can't be called in autocommit mode")
+        raw = self._control_cursor()
+        self._run(lambda: raw.execute(self._begin))
+        self._tpc_xid = xid
+
+    def tpc_prepare(self) -> None:
+        """``PREPARE TRANSACTION`` the two-phase transaction: from now on only
+        :meth:`tpc_commit` or :meth:`tpc_rollback` may follow."""
+        self._check_open()
+        if self._tpc_prepared:
+            raise ProgrammingError(
+                "tpc_prepare cannot be used with a prepared two-phase transaction"
+            )
+        if self._tpc_xid is None:
+            raise ProgrammingError(
+                "prepare must be called inside a two-phase transaction"
+            )
+        self._tpc_command("PREPARE TRANSACTION", self._tpc_xid)
+        self._tpc_prepared = True
+
+    def tpc_commit(self, xid: Any = None) -> None:
+        """
+        Without ``xid``: commit the two-phase transaction (``COMMIT`` before
+        :meth:`tpc_prepare`, ``COMMIT PREPARED`` after).  With ``xid``
+        (from :meth:`tpc_recover`, or a string): ``COMMIT PREPARED`` a
+        transaction prepared earlier, outside any transaction.
+        """
+        self._tpc_finish(xid, "COMMIT", "COMMIT PREPARED")
+
+    def tpc_rollback(self, xid: Any = None) -> None:
+        """As :meth:`tpc_commit`, with ``ROLLBACK`` / ``ROLLBACK PREPARED``."""
+        self._tpc_finish(xid, "ROLLBACK", "ROLLBACK PREPARED")
+
+    def tpc_recover(self) -> list[Any]:
+        """
+        The transactions prepared on the server (``pg_prepared_xacts``), as
+        ``Xid`` objects with ``prepared``, ``owner`` and ``database`` set.
+        Ids that psycopg2 did not make come back unparsed: ``format_id`` and
+        ``bqual`` None, ``gtrid`` the server's id.
+        """
+        self._check_open()
+        if self._tpc_prepared:
+            raise ProgrammingError(
+                "tpc_recover cannot be used with a prepared two-phase transaction"
+            )
+        before = self.status
+        cur = Cursor(self)
+        try:
+            cur.execute("SELECT gid, prepared, owner, database FROM pg_prepared_xacts")
+            rows = cur.fetchall()
+        finally:
+            cur.close()
+        if before == STATUS_READY and self.status == STATUS_BEGIN:
+            self._rollback()  # the query began a transaction: end it
+        return [RecoveredXid(*row) for row in rows]
+
+    def _tpc_finish(self, xid: Any, one_phase: str, prepared: str) -> None:
+        self._check_open()
+        if xid is not None:
+            xid = _ensure_xid(xid)
+            if self.status != STATUS_READY:
+                raise ProgrammingError(
+                    "tpc_commit/tpc_rollback with a xid must be called outside a "
+                    "transaction"
+                )
+            self._tpc_command(prepared, xid)
+            return
+        if self._tpc_xid is None:
+            raise ProgrammingError(
+                "tpc_commit/tpc_rollback with no parameter must be called in a "
+                "two-phase transaction"
+            )
+        status = self.status
+        if status == STATUS_BEGIN:
+            raw = self._control_cursor()
+            self._run(lambda: raw.execute(one_phase))
+        elif status == STATUS_PREPARED:
+            self._tpc_command(prepared, self._tpc_xid)
+        else:
+            raise InterfaceError("unexpected state in tpc_commit/tpc_rollback")
+        self._tpc_xid = None
+        self._tpc_prepared = False
+
+    def _tpc_command(self, command: str, xid: Any) -> None:
+        """Send ``command 'transaction id'`` as it is (no BEGIN before it)."""
+        raw = self._control_cursor()
+        sql = raw.mogrify(f"{command} %s", (str(xid),))
+        self._run(lambda: raw.execute(sql))
+
+    # -- not available -------------------------------------------------------
 
     def _unsupported(self, what: str, instead: str) -> Any:
         raise NotSupportedError(
             f"{what} is not available on an asynchronous connection: {instead}"
         )
-
-    def tpc_begin(self, xid: Any) -> None:
-        self._unsupported(
-            "two-phase commit through tpc_*()",
-            "send PREPARE TRANSACTION / COMMIT PREPARED as SQL",
-        )
-
-    tpc_prepare = tpc_commit = tpc_rollback = tpc_recover = tpc_begin  # type: ignore[assignment]
 
     def lobject(self, *args: Any, **kwargs: Any) -> None:
         self._unsupported("lobject()", "use bytea columns, or lo_* SQL functions")
@@ -902,10 +1481,19 @@ class Connection:
         )
 
     def __enter__(self) -> Connection:
+        """
+        As psycopg2 2.9: the block is one transaction, committed when it ends
+        normally and rolled back when it raises, even in autocommit mode; the
+        connection stays open.  Blocks do not nest.
+        """
+        self._check_open()
+        if self._entered:
+            raise ProgrammingError("the connection cannot be re-entered recursively")
+        self._entered = True
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        # As psycopg2: commit or roll back, leave the connection open.
+        self._entered = False
         if exc_type is None:
             self.commit()
         else:
@@ -916,20 +1504,42 @@ class Connection:
         return f"<txfiberdb.dbapi.Connection {state} {self._raw.dsn!r}>"
 
 
-class Cursor:
-    """A client-side cursor: each result arrives whole, fetches do no I/O."""
+_PGCursor: Any = psycopg2.extensions.cursor
 
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
-        self._raw = connection._raw.cursor()
-        self.arraysize = 1
+
+class Cursor(_PGCursor):
+    """
+    A client-side cursor: each result arrives whole, fetches do no I/O.
+
+    It *is* a psycopg2 cursor (a ``psycopg2.extensions.cursor`` on the
+    connection's asynchronous psycopg2 connection) whose queries park the
+    fiber: what psycopg2 does with a result (fetches, ``scroll``,
+    ``description``, ``tzinfo_factory``, ``cast``, ``mogrify``) is psycopg2's
+    own, and psycopg2's functions that take a cursor (``register_type``,
+    ``quote_ident``, ``extras.register_*``, typecasters) accept it.
+    ``connection`` is the :class:`Connection`.
+    """
+
+    def __init__(self, connection: Connection, name: Optional[str] = None) -> None:
+        if name is not None:
+            raise ProgrammingError(
+                f"Cursor() makes client-side cursors: for a named one, call "
+                f"connection.cursor({name!r})"
+            )
+        super().__init__(connection._raw)
+        self.scrollable: Optional[bool] = None  # as psycopg2's cursor() does
+        self._conn = connection
         self._rowcount_override: Optional[int] = None
 
-    # -- results (no I/O) -----------------------------------------------------
+    @property
+    def connection(self) -> Connection:
+        """The :class:`Connection` this cursor belongs to."""
+        return self._conn
 
     @property
-    def description(self) -> Any:
-        return self._raw.description
+    def _raw(self) -> Any:
+        """psycopg2's own cursor methods (or the cursor factory's)."""
+        return super()
 
     @property
     def rowcount(self) -> int:
@@ -937,70 +1547,13 @@ class Cursor:
             return self._rowcount_override
         return self._raw.rowcount  # type: ignore[no-any-return]
 
-    @property
-    def rownumber(self) -> int:
-        return self._raw.rownumber  # type: ignore[no-any-return]
-
-    @property
-    def lastrowid(self) -> int:
-        return self._raw.lastrowid  # type: ignore[no-any-return]
-
-    @property
-    def statusmessage(self) -> Optional[str]:
-        return self._raw.statusmessage  # type: ignore[no-any-return]
-
-    @property
-    def query(self) -> Optional[bytes]:
-        return self._raw.query  # type: ignore[no-any-return]
-
-    @property
-    def closed(self) -> bool:
-        return bool(self._raw.closed)
-
-    @property
-    def name(self) -> Optional[str]:
-        return None
-
-    def fetchone(self) -> Optional[tuple[Any, ...]]:
-        return self._raw.fetchone()  # type: ignore[no-any-return]
-
-    def fetchmany(self, size: Optional[int] = None) -> list[tuple[Any, ...]]:
-        return self._raw.fetchmany(self.arraysize if size is None else size)  # type: ignore[no-any-return]
-
-    def fetchall(self) -> list[tuple[Any, ...]]:
-        return self._raw.fetchall()  # type: ignore[no-any-return]
-
-    def __iter__(self) -> Iterator[tuple[Any, ...]]:
-        while True:
-            row = self.fetchone()
-            if row is None:
-                return
-            yield row
-
-    def mogrify(self, operation: Any, parameters: Any = None) -> bytes:
-        return self._raw.mogrify(operation, parameters)  # type: ignore[no-any-return]
-
-    def setinputsizes(self, sizes: Any) -> None:
-        pass
-
-    def setoutputsize(self, size: Any, column: Any = None) -> None:
-        pass
-
-    def close(self) -> None:
-        self._raw.close()
-
-    def __enter__(self) -> Cursor:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     # -- queries --------------------------------------------------------------
 
+    @_refusing_unstorable
     def execute(self, operation: Any, parameters: Any = None) -> None:
         """Run one statement (or several, ``;``-separated; the last one's
         result is kept), parking the fiber until the server answers."""
-        operation = _sql_text(operation, self._raw)
+        operation = _sql_text(operation, self._conn._raw)
         _refuse_copy(operation)
         self._execute(operation, parameters)
 
@@ -1021,6 +1574,7 @@ class Cursor:
                 operation = prefix + operation
         conn._run(lambda: raw.execute(operation, parameters))
 
+    @_refusing_unstorable
     def executemany(self, operation: Any, seq_of_parameters: Sequence[Any]) -> None:
         """
         Run ``operation`` for each parameter set, in as few round trips as
@@ -1033,7 +1587,7 @@ class Cursor:
     def executemany_batched(
         self, operation: Any, seq_of_parameters: Sequence[Any], page_size: int = 1000
     ) -> None:
-        operation = _sql_text(operation, self._raw)
+        operation = _sql_text(operation, self._conn._raw)
         _refuse_copy(operation)
         rows = list(seq_of_parameters)
         if not rows:
@@ -1058,6 +1612,7 @@ class Cursor:
             self._execute(sql)
         self._rowcount_override = self._raw.rowcount if len(rows) == 1 else -1
 
+    @_refusing_unstorable
     def callproc(self, procname: str, parameters: Any = None) -> Any:
         conn = self.connection
         raw = self._raw
@@ -1079,33 +1634,49 @@ class ServerCursor(Cursor):
     """
     A named cursor: ``DECLARE`` at :meth:`execute`, then ``FETCH`` in batches
     of ``itersize`` rows, inside the transaction (which ``execute`` begins if
-    needed, even in autocommit mode unless ``withhold``).  Rows never sit all
-    in memory at once unless you ``fetchall()``.
+    needed).  Rows never sit all in memory at once unless you
+    ``fetchall()``.  Fetching from a named cursor never executed reads the
+    server cursor of that name declared elsewhere (``DECLARE`` in SQL, a
+    function returning a ``refcursor``), as psycopg2 does.
     """
 
-    def __init__(
-        self,
-        connection: Connection,
-        name: str,
-        withhold: bool = False,
-        scrollable: Optional[bool] = None,
-    ) -> None:
+    def __init__(self, connection: Connection, name: str) -> None:
         super().__init__(connection)
         self._name = name
         self._quoted = psycopg2.extensions.quote_ident(name, connection._raw)
-        self.withhold = withhold
-        self.scrollable = scrollable
-        self.itersize = 2000
+        self._withhold = False
+        self._scrollable: Optional[bool] = None
         self._buffer: list[tuple[Any, ...]] = []
         self._pos = 0
-        self._exhausted = True
-        self._declared = False
+        self._exhausted = False
+        self._executed = False
+        self._used = False
         self._description: Any = None
-        self._fetched = 0
+        self._fetched = 0  # rows fetched so far (or the row scrolled to)
+        self._server_row = 0  # the server cursor's position
+        self._past_end = False  # ... after its last row
 
     @property
     def name(self) -> Optional[str]:
         return self._name
+
+    @property
+    def withhold(self) -> bool:
+        """``DECLARE ... WITH HOLD``: the cursor outlives its transaction."""
+        return self._withhold
+
+    @withhold.setter
+    def withhold(self, value: Any) -> None:
+        self._withhold = bool(value)
+
+    @property
+    def scrollable(self) -> Optional[bool]:
+        """``SCROLL`` (True), ``NO SCROLL`` (False) or the server's default."""
+        return self._scrollable
+
+    @scrollable.setter
+    def scrollable(self, value: Any) -> None:
+        self._scrollable = None if value is None else bool(value)
 
     @property
     def description(self) -> Any:
@@ -1113,61 +1684,71 @@ class ServerCursor(Cursor):
 
     @property
     def rowcount(self) -> int:
-        return self._fetched if self._declared else -1
+        return self._fetched if self._used else -1
 
     @property
     def rownumber(self) -> int:
         return self._fetched - (len(self._buffer) - self._pos)
 
+    @_refusing_unstorable
     def execute(self, operation: Any, parameters: Any = None) -> None:
-        operation = _sql_text(operation, self._raw)
-        _refuse_copy(operation)
-        if self._declared:
+        if self._executed:
             raise ProgrammingError(
                 "can't call .execute() on named cursors more than once"
             )
         conn = self.connection
-        if conn._autocommit and not self.withhold and not conn.in_transaction:
+        if conn._autocommit and not self.withhold:
             raise ProgrammingError(
                 "can't use a named cursor outside of transactions: turn "
                 "autocommit off, or declare it with cursor(name, withhold=True)"
             )
+        operation = _sql_text(operation, conn._raw)
+        _refuse_copy(operation)
         raw = self._raw
         query = raw.mogrify(operation, parameters)
         scroll = {None: "", True: " SCROLL", False: " NO SCROLL"}[self.scrollable]
         hold = " WITH HOLD" if self.withhold else ""
         declare = f"DECLARE {self._quoted}{scroll} CURSOR{hold} FOR ".encode() + query
-        begin = "" if conn._autocommit or conn.in_transaction else conn._begin + ";"
         fetch = f";FETCH FORWARD {int(self.itersize)} FROM {self._quoted}".encode()
-        sql = begin.encode() + declare + fetch
+        sql = conn._begin_prefix().encode() + declare + fetch
         conn._run(lambda: raw.execute(sql))
-        self._declared = True
+        self._executed = self._used = True
         self._description = raw.description
-        self._take(raw.fetchall())
+        self._take(raw.fetchall(), self.itersize)
 
-    def _take(self, rows: list[tuple[Any, ...]]) -> None:
+    def executemany(self, operation: Any, seq_of_parameters: Sequence[Any]) -> None:
+        raise ProgrammingError("can't call .executemany() on named cursors")
+
+    def callproc(self, procname: str, parameters: Any = None) -> Any:
+        raise ProgrammingError("can't call .callproc() on named cursors")
+
+    def _take(self, rows: list[tuple[Any, ...]], requested: Optional[int]) -> None:
+        """Buffer the rows of a FETCH of ``requested`` rows (None: ALL)."""
         self._buffer = rows
         self._pos = 0
         self._fetched += len(rows)
-        self._exhausted = len(rows) < self.itersize
+        self._server_row += len(rows)
+        self._past_end = requested is None or len(rows) < requested
+        self._exhausted = self._past_end
+
+    def _send(self, sql: str) -> None:
+        """A FETCH/MOVE on the server cursor, in a transaction unless held."""
+        conn = self.connection
+        if not self.withhold:
+            sql = conn._begin_prefix() + sql
+        raw = self._raw
+        conn._run(lambda: raw.execute(sql.encode()))
+        self._used = True
 
     def _fetch(self, count: Optional[int]) -> None:
         what = "ALL" if count is None else f"FORWARD {int(count)}"
+        self._send(f"FETCH {what} FROM {self._quoted}")
         raw = self._raw
-        self.connection._run(
-            lambda: raw.execute(f"FETCH {what} FROM {self._quoted}".encode())
-        )
-        rows = raw.fetchall()
-        self._take(rows)
-        if count is None:
-            self._exhausted = True
-
-    def _check(self) -> None:
-        if not self._declared:
-            raise ProgrammingError("no results to fetch: call execute() first")
+        if raw.description is not None:
+            self._description = raw.description
+        self._take(raw.fetchall(), count)
 
     def fetchone(self) -> Optional[tuple[Any, ...]]:
-        self._check()
         if self._pos >= len(self._buffer):
             if self._exhausted:
                 return None
@@ -1179,7 +1760,6 @@ class ServerCursor(Cursor):
         return row
 
     def fetchmany(self, size: Optional[int] = None) -> list[tuple[Any, ...]]:
-        self._check()
         size = self.arraysize if size is None else size
         out: list[tuple[Any, ...]] = []
         while len(out) < size:
@@ -1195,7 +1775,6 @@ class ServerCursor(Cursor):
         return out
 
     def fetchall(self) -> list[tuple[Any, ...]]:
-        self._check()
         out = self._buffer[self._pos :]
         self._pos = len(self._buffer)
         if not self._exhausted:
@@ -1204,28 +1783,122 @@ class ServerCursor(Cursor):
             self._pos = len(self._buffer)
         return out
 
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return self
+
+    def __next__(self) -> tuple[Any, ...]:
+        row = self.fetchone()
+        if row is None:
+            raise StopIteration
+        return row
+
     def scroll(self, value: int, mode: str = "relative") -> None:
-        raise NotSupportedError(
-            "scroll() is not supported on txfiberdb's named cursors"
-        )
+        """
+        Move in the result with ``MOVE`` on the server, as psycopg2 does;
+        backwards needs ``scrollable=True``.  ``relative`` counts from the
+        current row (rows already read ahead into the batch are accounted
+        for), ``absolute`` from the start.
+        """
+        server = self._server_row + self._past_end
+        if mode == "absolute":
+            target = int(value)
+            move = f"MOVE ABSOLUTE {target} FROM {self._quoted}"
+        else:  # psycopg2 takes any other mode as relative on named cursors
+            # Where psycopg2, which reads no rows ahead, would be.
+            current = server if self._pos >= len(self._buffer) else self.rownumber
+            target = current + int(value)
+            move = f"MOVE {target - server} FROM {self._quoted}"
+        self._send(move)
+        self._buffer, self._pos, self._exhausted = [], 0, False
+        self._fetched = self._server_row = target
+        self._past_end = False
 
     def close(self) -> None:
-        """Close the server-side cursor (when its transaction is still open)."""
+        """
+        Close the server-side cursor when it still exists: one this cursor
+        declared, while its transaction is open (or held); one declared
+        elsewhere and never executed here, when the server has it
+        (``pg_cursors``), as psycopg2 does.
+        """
         conn = self.connection
+        raw = self._raw
         if (
-            self._declared
-            and not conn._raw.closed
-            and conn.in_transaction
+            not self.closed
             and conn._user is None
             and in_fiber()
             and conn.get_transaction_status()
-            == psycopg2.extensions.TRANSACTION_STATUS_INTRANS
+            in (TRANSACTION_STATUS_IDLE, TRANSACTION_STATUS_INTRANS)
         ):
-            raw = self._raw
             try:
-                conn._run(lambda: raw.execute(f"CLOSE {self._quoted}".encode()))
+                if self._executed:
+                    needed = self.withhold or conn.in_transaction
+                else:
+                    conn._run(
+                        lambda: raw.execute(
+                            "SELECT 1 FROM pg_catalog.pg_cursors WHERE name = %s",
+                            (self._name,),
+                        )
+                    )
+                    needed = bool(raw.fetchall())
+                if needed:
+                    conn._run(lambda: raw.execute(f"CLOSE {self._quoted}".encode()))
             except (psycopg2.Error, CancelledError):
                 pass
-        self._declared = False
+        self._executed = False
         self._buffer = []
         super().close()
+
+    def __repr__(self) -> str:
+        return f"<txfiberdb.dbapi.ServerCursor {self._name!r} of {self.connection!r}>"
+
+
+# psycopg2 cursor classes that need a kind of connection this driver has not.
+_REFUSED_FACTORIES = (
+    (
+        psycopg2.extras.LoggingCursor,
+        "it logs through psycopg2.extras.LoggingConnection, which an "
+        "asynchronous connection cannot be: log statements with the logging "
+        "module (SQLAlchemy's echo=True) instead",
+    ),
+    (
+        psycopg2.extras.ReplicationCursor,
+        "replication needs a blocking replication connection "
+        "(psycopg2.extras.LogicalReplicationConnection)",
+    ),
+)
+_cursor_classes: dict[tuple[type, type], type] = {}
+
+
+def _cursor_class(base: type, factory: Any) -> Any:
+    """
+    The class of a cursor made with ``cursor_factory``: ``base``
+    (:class:`Cursor` or :class:`ServerCursor`) combined with the factory, a
+    ``psycopg2.extensions.cursor`` subclass, so the factory's row handling
+    (DictCursor's rows, NamedTupleCursor's records) applies to results that
+    arrive through the fiber.  Made once per factory.
+    """
+    if factory is None or factory is _PGCursor:
+        return base
+    if not (isinstance(factory, type) and issubclass(factory, _PGCursor)):
+        raise TypeError(
+            f"cursor factory must be subclass of psycopg2.extensions.cursor, "
+            f"not {factory!r} (psycopg2.extras.DictCursor, RealDictCursor, "
+            f"NamedTupleCursor or a subclass of txfiberdb.dbapi.Cursor work)"
+        )
+    if issubclass(factory, base):
+        return factory
+    for refused, why in _REFUSED_FACTORIES:
+        if issubclass(factory, refused):
+            raise NotSupportedError(f"cursor_factory={factory.__name__}: {why}")
+    cls = _cursor_classes.get((base, factory))
+    if cls is None:
+        cls = type(
+            factory.__name__,
+            (base, factory),
+            {
+                "__module__": __name__,
+                "__doc__": f"{base.__name__} with {factory.__name__}'s rows.",
+            },
+        )
+        _cursor_classes[(base, factory)] = cls
+    return cls

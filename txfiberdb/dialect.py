@@ -50,6 +50,14 @@ Differences from ``postgresql+psycopg2``
   the client goes away) cancels its running query on the server (with
   ``pg_cancel_backend()`` over a short-lived connection, so the reactor never
   waits); the connection is rolled back when returned to the pool.
+- A pooled connection the server ended while it was idle (a killed
+  backend, a restart) is never handed out: the pool replaces it at checkout,
+  without a round trip (the driver reads what the server sent it), and
+  :func:`txfiberdb.pool_stats` counts only live connections.
+  ``pool_pre_ping`` is not needed for that.
+- ``connect_timeout`` defaults to 10 s (libpq waits for ever); set it in the
+  URL (``?connect_timeout=3``) or ``connect_args``; 0 means no limit.
+  Connection errors name the host and port.
 - Any pool class may be used (``poolclass=NullPool``, ...): SQLAlchemy's
   once-only connect set-up is made to park fibers instead of taking a thread
   lock.  A pool that blocks when exhausted (SQLAlchemy's ``QueuePool``)
@@ -60,7 +68,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, exc
 from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.dialects.postgresql.psycopg2 import (
     PGDialect_psycopg2,
@@ -74,6 +82,18 @@ __all__ = ["TxPostgresDialect", "dialect"]
 
 class TxPostgresExecutionContext(PGExecutionContext_psycopg2):
     pass
+
+
+def _refuse_dead_connection(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    # A pooled connection the server ended while it was idle (killed backend,
+    # restart) is replaced by the pool, without a round trip: the driver
+    # reads what the server sent it meanwhile.  (pool_pre_ping, a round trip
+    # per checkout, is not needed for this.)
+    check = getattr(dbapi_connection, "check_alive", None)
+    if check is not None and not check():
+        raise exc.DisconnectionError(
+            "connection ended by the server while idle in the pool"
+        )
 
 
 class TxPostgresDialect(PGDialect_psycopg2):
@@ -117,6 +137,7 @@ class TxPostgresDialect(PGDialect_psycopg2):
         # another fiber blocked the reactor's thread on it); dispose() makes
         # a new pool.
         install_fiber_mutexes(engine.pool)
+        event.listen(engine.pool, "checkout", _refuse_dead_connection)
 
         @event.listens_for(engine, "engine_disposed")
         def _disposed(engine: Any) -> None:

@@ -26,13 +26,29 @@ Errors become JSON answers (``{"error": message}``) that leak nothing:
   ``details``, when given);
 - werkzeug's HTTP exceptions: their code and description;
 - an exhausted pool (SQLAlchemy's ``TimeoutError``), the service shutting
-  down, a database that cannot be reached or gave up (``OperationalError``:
-  lost connection, statement timeout, deadlock): 503 with ``Retry-After``;
+  down, a route at its ``concurrency`` limit, a database that cannot be
+  reached or gave up (``OperationalError``: lost connection, refused
+  connection, statement timeout, deadlock; ``InterfaceError`` or any error
+  that invalidated its connection): 503 with ``Retry-After``;
 - ``NoResultFound`` (``Result.scalar_one()`` and friends): 404;
 - a conflict with existing data (``IntegrityError``): 409;
-- data the database refused (``DataError``: out of range, bad format): 400;
+- data the database refused or could not take (``DataError``: out of
+  range, bad format, a NUL character in text): 400;
 - anything else: 500 with an error id, which is also in the log with the
-  traceback.  (``OperationalError`` is logged with an id too.)
+  traceback.
+
+Logging: unexpected errors are logged with their traceback and error id.
+Expected failures (database unavailable, pool exhausted, route busy,
+shutting down) are one warning line each, without traceback, SQL or
+parameters; repeats of the same kind on the same route within
+``summary_interval`` seconds are counted and reported in the next line of
+that kind (``... (37 more like it in the last 10 s)``), so an outage does not
+flood the log.
+
+A route can bound its share of the pool: ``@routes.route(url,
+concurrency=5)`` lets at most 5 requests of that route run at once; the
+others wait up to ``concurrency_timeout`` seconds for a turn, holding no
+connection, then get a 503.  A slow route cannot starve the others.
 
 When the client goes away, Klein cancels the route's Deferred: the fiber gets
 ``CancelledError`` where it waits, its running query is cancelled on the
@@ -54,11 +70,12 @@ from contextlib import nullcontext
 from typing import Any, Optional
 
 from sqlalchemy import exc as sa_exc
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
+from txfiberdb.fiber import WaitTimeout, await_deferred
 from txfiberdb.fiber import shield as shield_block
 from txfiberdb.service import EngineService, ServiceStopping
 
@@ -67,8 +84,10 @@ __all__ = [
     "Conflict",
     "FiberRoutes",
     "HTTPError",
+    "LogSummary",
     "NotFound",
     "PayloadTooLarge",
+    "RouteBusy",
     "read_json",
 ]
 
@@ -116,6 +135,77 @@ class Conflict(HTTPError):
 
 class PayloadTooLarge(HTTPError):
     code = 413
+
+
+class RouteBusy(HTTPError):
+    """A route is at its ``concurrency`` limit and no turn came in time."""
+
+    code = 503
+
+
+class LogSummary:
+    """
+    Rate-limits log lines that repeat: of the lines with one key, the first
+    is logged at once, and the ones that follow within ``interval`` seconds
+    are counted into the next line with that key (``(37 more like it in the
+    last 10 s)``).  For expected failures during an outage, which would
+    otherwise write a line per request.
+    """
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._seen: dict[Any, tuple[float, int]] = {}
+
+    def admit(self, key: Any) -> Optional[int]:
+        """
+        None if a line with ``key`` is to be dropped (counted); else how many
+        were dropped since the last one logged.
+        """
+        now = time.monotonic()
+        logged_at, repeats = self._seen.get(key, (None, 0))
+        if logged_at is not None and now - logged_at < self.interval:
+            self._seen[key] = (logged_at, repeats + 1)
+            return None
+        self._seen[key] = (now, 0)
+        return repeats
+
+    def suffix(self, repeats: int) -> str:
+        """The text to append to a line that follows ``repeats`` dropped ones."""
+        if not repeats:
+            return ""
+        return f" ({repeats} more like it in the last {self.interval:g} s)"
+
+    def warn(self, kind: str, route: str, what: str) -> None:
+        """Log ``route: what`` at warn level, summarised per (kind, route)."""
+        repeats = self.admit((kind, route))
+        if repeats is not None:
+            _log.warn(
+                "{route}: {what}{repeated}",
+                route=route,
+                what=what,
+                repeated=self.suffix(repeats),
+                failure_kind=kind,
+            )
+
+
+def _first_line(error: Optional[BaseException]) -> str:
+    """The first line of a DB-API error's message: no SQL, no parameters."""
+    orig = getattr(error, "orig", None) or error
+    text = str(orig).strip().splitlines()
+    return text[0] if text else type(orig).__name__
+
+
+def _database_unavailable(error: Optional[BaseException]) -> bool:
+    """An error that says the database cannot serve now (try again later)."""
+    if isinstance(error, sa_exc.DBAPIError):
+        return bool(error.connection_invalidated) or isinstance(
+            error, (sa_exc.OperationalError, sa_exc.InterfaceError)
+        )
+    try:
+        import psycopg2
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError))
 
 
 def _no_constant(name: str) -> Any:
@@ -189,6 +279,9 @@ class FiberRoutes:
     :param on_response: called as ``on_response(name, status, seconds)``
         after each request (for metrics); ``status`` is 499 when the client
         went away first.
+    :param summary_interval: seconds over which repeated expected failures
+        (database unavailable, pool exhausted, ...) of a route are logged as
+        one line with a count.
     """
 
     def __init__(
@@ -197,11 +290,13 @@ class FiberRoutes:
         app: Any = None,
         retry_after: int = 1,
         on_response: Optional[Callable[[str, int, float], None]] = None,
+        summary_interval: float = 10.0,
     ) -> None:
         self.service = service
         self.app = app
         self.retry_after = retry_after
         self.on_response = on_response
+        self._summary = LogSummary(summary_interval)
 
     def route(
         self,
@@ -209,6 +304,8 @@ class FiberRoutes:
         *args: Any,
         session: bool = True,
         shield: bool = False,
+        concurrency: Optional[int] = None,
+        concurrency_timeout: float = 5.0,
         **kwargs: Any,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """
@@ -221,25 +318,46 @@ class FiberRoutes:
             )
 
         def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
-            wrapped = self.handler(session=session, shield=shield)(f)
+            wrapped = self.handler(
+                session=session,
+                shield=shield,
+                concurrency=concurrency,
+                concurrency_timeout=concurrency_timeout,
+            )(f)
             self.app.route(url, *args, **kwargs)(wrapped)
             return wrapped
 
         return decorate
 
     def handler(
-        self, session: bool = True, shield: bool = False
+        self,
+        session: bool = True,
+        shield: bool = False,
+        concurrency: Optional[int] = None,
+        concurrency_timeout: float = 5.0,
     ) -> Callable[[Callable[..., Any]], Callable[..., Deferred[Any]]]:
         """
         Decorate a Klein route handler (under ``@app.route``) to run in a
         fiber.  With ``session``, a Session is passed right after the request
         and committed when the handler returns.  With ``shield``, the
         handler's work is finished even if the client goes away (its answer
-        is then dropped).
+        is then dropped).  With ``concurrency``, at most that many requests
+        of this route run at once; the others wait up to
+        ``concurrency_timeout`` seconds for a turn (holding no connection),
+        then get a 503 (:exc:`RouteBusy`).
         """
+        if concurrency is not None and concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+        if concurrency_timeout <= 0:
+            raise ValueError("concurrency_timeout must be positive")
 
         def decorate(f: Callable[..., Any]) -> Callable[..., Deferred[Any]]:
             name = f.__name__
+            limit = (
+                (DeferredSemaphore(concurrency), concurrency_timeout)
+                if concurrency is not None
+                else None
+            )
 
             @functools.wraps(f)
             def wrapper(*args: Any, **kwargs: Any) -> Deferred[Any]:
@@ -255,6 +373,7 @@ class FiberRoutes:
                         f,
                         index + 1 if session else None,
                         shield,
+                        limit,
                         args,
                         kwargs,
                     )
@@ -273,6 +392,29 @@ class FiberRoutes:
         return decorate
 
     def _call(
+        self,
+        f: Callable[..., Any],
+        session_index: Optional[int],
+        shielded: bool,
+        limit: Optional[tuple[DeferredSemaphore, float]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        if limit is None:
+            return self._call_handler(f, session_index, shielded, args, kwargs)
+        semaphore, timeout = limit
+        try:
+            await_deferred(semaphore.acquire(), timeout=timeout)
+        except WaitTimeout:
+            raise RouteBusy(
+                "too many requests for this route at once, try again later"
+            ) from None
+        try:
+            return self._call_handler(f, session_index, shielded, args, kwargs)
+        finally:
+            semaphore.release()
+
+    def _call_handler(
         self,
         f: Callable[..., Any],
         session_index: Optional[int],
@@ -353,12 +495,24 @@ class FiberRoutes:
         self._observe(name, code, started)
         return json.dumps(body).encode("utf-8")
 
-    def _busy(self, request: Any, message: str) -> tuple[int, Any]:
+    def _busy(
+        self, request: Any, name: str, kind: str, message: str, why: str
+    ) -> tuple[int, Any]:
+        """A 503 with Retry-After, logged as one summarised line."""
+        self._summary.warn(kind, name, f"{why}; answered 503")
         request.setHeader(b"retry-after", str(self.retry_after).encode())
         return 503, {"error": message}
 
     def _map_error(self, failure: Failure, request: Any, name: str) -> tuple[int, Any]:
         error = failure.value
+        if isinstance(error, RouteBusy):
+            return self._busy(
+                request,
+                name,
+                "route-busy",
+                error.message,
+                "route at its concurrency limit",
+            )
         if isinstance(error, HTTPError):
             return error.code, error.to_json()
         try:
@@ -369,16 +523,34 @@ class FiberRoutes:
             return error.code or 500, {"error": error.description}  # type: ignore[attr-defined]
         if isinstance(error, sa_exc.TimeoutError):
             return self._busy(
-                request, "service busy (no database connection free), try again later"
+                request,
+                name,
+                "pool-exhausted",
+                "service busy (no database connection free), try again later",
+                "no database connection free within pool_timeout",
             )
         if isinstance(error, ServiceStopping):
-            return self._busy(request, "service shutting down, try again later")
+            return self._busy(
+                request,
+                name,
+                "stopping",
+                "service shutting down, try again later",
+                "service shutting down",
+            )
         if isinstance(error, sa_exc.NoResultFound):
             return 404, {"error": "not found"}
         if isinstance(error, sa_exc.IntegrityError):
             return 409, {"error": "conflicts with existing data"}
         if isinstance(error, sa_exc.DataError):
             return 400, {"error": "invalid data"}
+        if _database_unavailable(error):
+            return self._busy(
+                request,
+                name,
+                "database",
+                "database unavailable, try again later",
+                f"database unavailable: {_first_line(error)}",
+            )
         error_id = uuid.uuid4().hex[:16]
         _log.failure(
             "error {error_id} in {route} ({method} {uri})",
@@ -388,8 +560,4 @@ class FiberRoutes:
             method=request.method.decode("ascii", "replace"),
             uri=request.uri.decode("ascii", "replace"),
         )
-        if isinstance(error, sa_exc.OperationalError):
-            code, body = self._busy(request, "database unavailable, try again later")
-            body["error_id"] = error_id
-            return code, body
         return 500, {"error": "internal server error", "error_id": error_id}

@@ -219,7 +219,7 @@ class FiberQueuePool(QueuePool):
         return {
             "size": self.size(),
             "checked_out": self.checkedout(),
-            "idle": self.checkedin(),
+            "idle": sweep_idle(queue._items),
             "overflow": max(self.overflow(), 0),
             "waiting": queue.waiting,
             "oldest_wait": queue.oldest_wait(),
@@ -227,11 +227,39 @@ class FiberQueuePool(QueuePool):
         }
 
 
+def sweep_idle(records: Any) -> int:
+    """
+    How many of the idle connection ``records`` are alive.  The dead ones
+    (the server ended them while they waited in the pool) are invalidated,
+    so that the pool reconnects them on their next checkout instead of
+    counting them as open.  No round trip: the driver reads what the server
+    sent them.
+    """
+    alive = 0
+    for record in list(records):
+        conn = record.dbapi_connection
+        if conn is None:
+            continue
+        check = getattr(conn, "check_alive", None)
+        if check is None or check():
+            alive += 1
+        else:
+            record.invalidate(_DiedIdle("the server ended it while it was idle"))
+    return alive
+
+
+class _DiedIdle(Exception):
+    """Why a pooled connection was invalidated: it died while idle."""
+
+
 def pool_stats(engine_or_pool: Any) -> dict[str, Any]:
     """
     Pool and fiber counters in one dict, for a metrics endpoint: ``size``,
-    ``checked_out``, ``idle``, ``overflow``, ``waiting`` (fibers parked for a
-    connection), ``oldest_wait`` and ``longest_wait`` (seconds), and the
+    ``checked_out``, ``idle`` (live idle connections: those the server ended
+    while they were idle are not counted, and are replaced on their next
+    checkout), ``open`` (``checked_out`` + ``idle``), ``overflow``,
+    ``waiting`` (fibers parked for a connection), ``oldest_wait`` and
+    ``longest_wait`` (seconds), and the
     bridge's ``fibers_live``, ``fibers_parked``, ``fibers_started``,
     ``fibers_finished``, ``longest_hold``.
     """
@@ -239,6 +267,7 @@ def pool_stats(engine_or_pool: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if isinstance(pool, FiberQueuePool):
         out.update(pool.stats())
+        out["open"] = out["checked_out"] + out["idle"]
     else:
         out["checked_out"] = pool.checkedout() if hasattr(pool, "checkedout") else None
     f = fiber_stats()

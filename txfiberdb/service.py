@@ -73,6 +73,10 @@ class EngineService(Service):
         :attr:`sessionmaker` (default: :class:`sqlalchemy.orm.sessionmaker`).
     :param engine_kwargs: passed to :func:`sqlalchemy.create_engine`
         (``pool_size``, ``max_overflow``, ``pool_timeout``, ``echo``, ...).
+        ``hide_parameters`` defaults to True here: SQL parameters (names,
+        emails, ...) never reach the log through SQLAlchemy's error messages
+        or ``echo``; pass ``hide_parameters=False`` to see them while
+        debugging.
 
     .. attribute:: engine
 
@@ -96,6 +100,7 @@ class EngineService(Service):
         self.url = url
         self.grace_period = grace_period
         self.cancel_grace = cancel_grace
+        engine_kwargs.setdefault("hide_parameters", True)
         self.engine_kwargs = engine_kwargs
         self.engine: Optional[Engine] = None
         self.sessionmaker: Optional[sessionmaker[Session]] = None

