@@ -29,7 +29,7 @@ extensions = [
 ]
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 root_doc = "index"
-exclude_patterns = ["_build", "_generated/*.json", "README.md"]
+exclude_patterns = ["_build", "_generated"]
 templates_path: list[str] = []
 
 # MyST: `{directive}` fences, `:::` fences, anchors for ## and ### headings
