@@ -11,12 +11,12 @@ find_python = $(firstword $(foreach p,python$(1) $(wildcard $(HOME)/.pyenv/versi
 PYTHON312 ?= $(call find_python,3.12)
 PYTHON313 ?= $(call find_python,3.13)
 
-.PHONY: test test-py312 test-py313 trial pytest compliance demo lint bench clean
+.PHONY: test test-py312 test-py313 trial pytest compliance demo lint bench clean docs dist-check bench-plots
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,demo,lint]' --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e '.[binary,test,demo,lint]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -52,8 +52,31 @@ lint: $(STAMP)
 	$(PY) -m mypy txfiberdb
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[bench]' --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e '.[binary,bench]'
 	$(PY) bench/fiber.py
 
+# The documentation site (Sphinx + MyST), warnings as errors: doc/_build/html.
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[binary,docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(PY) -m sphinx -W --keep-going -b html doc doc/_build/html
+
+# The charts of doc/benchmarks.md: copy the measured tables of bench/README.md
+# (or FROM="web=saved-output.txt ...", a bench script's saved output) into
+# doc/bench-data.json, then draw them into doc/_generated (as `make docs` does).
+FROM ?= bench/README.md
+bench-plots: $(DOCS_STAMP)
+	$(PY) doc/bench_plots.py extract $(FROM)
+	$(PY) doc/bench_plots.py draw
+
+# Build the sdist and wheel, check them (twine, file lists), install the sdist
+# in a fresh venv and run the test suite there.
+dist-check: $(STAMP)
+	$(PY) -m pip install --quiet build twine
+	PYTHON=$(abspath $(PY)) bash .ci/dist-check
+
 clean:
-	rm -rf $(VENV) .venv312 .venv313 build *.egg-info _trial_temp
+	rm -rf $(VENV) .venv312 .venv313 build dist *.egg-info _trial_temp doc/_build doc/_generated

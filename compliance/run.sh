@@ -13,7 +13,8 @@
 #                        or URL; needs CREATE DATABASE rights and
 #                        max_prepared_transactions > 0 for the two-phase tests)
 #   COMPLIANCE_LOG_DIR   where the logs and junit reports go (default: a new
-#                        temporary directory)
+#                        temporary directory, removed again when the run
+#                        passes and kept, with its path printed, when not)
 #
 # Exit status: 0 when the txpostgres run has no failures or errors and passes
 # every test the psycopg2 run passes; otherwise the txpostgres run's pytest
@@ -36,7 +37,13 @@ if [ -z "${COMPLIANCE_URL_TXPOSTGRES:-}" ] || [ -z "${COMPLIANCE_URL_PSYCOPG2:-}
 fi
 
 cd "$here" || exit 2
-logs="${COMPLIANCE_LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/txfiberdb-compliance.XXXXXX")}"
+if [ -n "${COMPLIANCE_LOG_DIR:-}" ]; then
+    logs="$COMPLIANCE_LOG_DIR"
+    own_logs=0
+else
+    logs="$(mktemp -d "${TMPDIR:-/tmp}/txfiberdb-compliance.XXXXXX")"
+    own_logs=1
+fi
 mkdir -p "$logs"
 
 run() {  # run DRIVER URL [pytest args...]
@@ -69,12 +76,17 @@ if [ "$pg_rc" -ne 0 ]; then
     echo "note: the psycopg2 reference run did not pass cleanly: a server or" \
          "requirements matter, not txpostgres's"
 fi
-echo "logs and junit reports: $logs"
-
 if [ "$tx_rc" -ne 0 ]; then
+    echo "logs and junit reports: $logs"
     exit "$tx_rc"
 fi
 if [ "$cmp_rc" -ne 0 ]; then
+    echo "logs and junit reports: $logs"
     exit 6
+fi
+if [ "$own_logs" -eq 1 ]; then
+    rm -rf "$logs"
+else
+    echo "logs and junit reports: $logs"
 fi
 exit 0

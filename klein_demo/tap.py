@@ -232,7 +232,11 @@ class ShopService(MultiService):
         otherwise only log and fail :attr:`listening` (tests).
     :ivar listening: fires with the listening port once the service serves
         (or with the failure that stopped it from starting).
+    :ivar pidfile: twistd's pid file, removed before exiting on a failed
+        start (that exit skips twistd's own clean-up, which removes it).
     """
+
+    pidfile: Optional[str] = None
 
     def __init__(
         self,
@@ -372,11 +376,19 @@ class ShopService(MultiService):
             # Shut down cleanly (the throwaway server is removed), then exit
             # with status 1 so that a supervisor sees the failure: twistd
             # itself has no way to set its exit status.
-            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+            self.reactor.addSystemEventTrigger("after", "shutdown", self._exit, 1)
             if self.reactor.running:
                 self.reactor.stop()
             else:
                 self.reactor.callWhenRunning(self.reactor.stop)
+
+    def _exit(self, status: int) -> None:
+        if self.pidfile:
+            try:
+                os.unlink(self.pidfile)
+            except OSError:
+                pass
+        os._exit(status)
 
     def stopService(self) -> Deferred[Any]:
         if self._stopping is not None:
@@ -417,7 +429,7 @@ class ShopService(MultiService):
 
 def makeService(options: Options) -> Service:
     """The twistd plugin's entry point."""
-    return ShopService(
+    service = ShopService(
         url=options["url"],
         listen=options["listen"],
         pool_size=options["pool-size"],
@@ -430,3 +442,6 @@ def makeService(options: Options) -> Service:
         slow_route_concurrency=options["slow-route-concurrency"],
         log_sql_parameters=bool(options["log-sql-parameters"]),
     )
+    # twistd's own options (the parent of ours) name its pid file.
+    service.pidfile = getattr(options, "parent", {}).get("pidfile") or None
+    return service

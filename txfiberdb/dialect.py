@@ -111,8 +111,19 @@ class TxPostgresDialect(PGDialect_psycopg2):
 
     @classmethod
     def import_dbapi(cls) -> Any:
-        from txfiberdb import dbapi
-
+        try:
+            from txfiberdb import dbapi
+        except ModuleNotFoundError as e:
+            if e.name != "psycopg2":
+                raise
+            # Neither psycopg2 build is a hard requirement (packagers ship
+            # their own): say how to get one.
+            raise ModuleNotFoundError(
+                "postgresql+txpostgres needs psycopg2: pip install "
+                "'txfiberdb[binary]' (the psycopg2-binary wheel) or "
+                "'txfiberdb[psycopg2]' (built against your libpq)",
+                name="psycopg2",
+            ) from e
         return dbapi
 
     @classmethod
