@@ -1,0 +1,257 @@
+# -*- test-case-name: tests.test_live -*-
+"""
+The shop goes live: changes are announced with NOTIFY in the transaction
+that makes them, and ``GET /events`` streams them to browsers as Server-Sent
+Events; ``GET /`` is a page that shows them.
+
+Channels and payloads (JSON, small: PostgreSQL takes at most 8,000 bytes):
+
+- ``stock``: a product's current state, ``{"id", "sku", "name", "stock",
+  "price_cents"}``, or ``{"id", "deleted": true}``.  Absolute values, not
+  deltas: applying one twice, or after a snapshot that has it already, is
+  harmless.
+- ``orders``: ``{"id", "total_cents", "lines": [{"product_id", "quantity"}]}``
+  (no customer data: anybody who opens the page sees it).
+
+Announcing in the same transaction is what makes it right: PostgreSQL sends
+the notifications at COMMIT, in commit order, and never for a transaction
+that rolls back (an order refused for lack of stock announces nothing).
+
+``GET /events``:
+
+- one fiber per stream, parked on :func:`txfiberdb.listen` (one LISTEN
+  connection for the whole process), holding no pool connection while it
+  waits;
+- first a ``snapshot`` event (the products with their stock), then
+  ``stock`` and ``orders`` events as they are committed, each with an
+  ``id:`` (``<epoch>-<seq>``: the listener connection's token and the
+  notification's position);
+- on reconnection the browser sends ``Last-Event-ID``: if nothing was
+  received since (same listener connection, same position) the snapshot is
+  skipped, else it is sent again (the events in between are not kept, so a
+  snapshot is how the client catches up); a gap in the listener's stream
+  (the database connection dropped, or this client fell behind) sends a new
+  snapshot too;
+- a comment every ``heartbeat`` seconds keeps proxies from closing it;
+- a client that leaves cancels its fiber: the subscription closes, nothing
+  is left behind; the service stopping ends every stream at once.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from klein import Klein
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+from twisted.logger import Logger
+
+from klein_demo.models import Order, Product
+from klein_demo.page import INDEX_HTML
+from txfiberdb import (
+    ListenerClosed,
+    WaitTimeout,
+    fiber_stats,
+    listen,
+    listener_stats,
+    pool_stats,
+)
+from txfiberdb.klein import ClientStalled, EventStream, FiberRoutes
+from txfiberdb.service import EngineService
+
+__all__ = [
+    "ORDERS",
+    "STOCK",
+    "add_live_routes",
+    "announce_deleted",
+    "announce_order",
+    "announce_stock",
+]
+
+log = Logger(namespace="klein_demo.live")
+
+STOCK = "stock"
+ORDERS = "orders"
+#: Products in a snapshot (the page's table), in id order.
+SNAPSHOT_LIMIT = 500
+
+
+def _notify_all(session: Session, channel: str, payloads: list[str]) -> None:
+    """``pg_notify(channel, p)`` for each payload, in one statement."""
+    if payloads:
+        session.execute(
+            text(
+                "SELECT pg_notify(:channel, p) "
+                "FROM unnest(CAST(:payloads AS text[])) WITH ORDINALITY AS t(p, n) "
+                "ORDER BY n"
+            ),
+            {"channel": channel, "payloads": payloads},
+        )
+
+
+def stock_json(p: Product) -> dict[str, Any]:
+    return {
+        "id": p.id,
+        "sku": p.sku,
+        "name": p.name,
+        "stock": p.stock,
+        "price_cents": p.price_cents,
+    }
+
+
+def announce_stock(session: Session, products: list[Product]) -> None:
+    """Announce these products' state at this transaction's COMMIT."""
+    session.flush()
+    _notify_all(
+        session,
+        STOCK,
+        [json.dumps(stock_json(p)) for p in sorted(products, key=lambda p: p.id)],
+    )
+
+
+def announce_deleted(session: Session, product_id: int) -> None:
+    _notify_all(session, STOCK, [json.dumps({"id": product_id, "deleted": True})])
+
+
+def announce_order(session: Session, order: Order) -> None:
+    """Announce a new order (no customer data) at COMMIT."""
+    payload = {
+        "id": order.id,
+        "total_cents": order.total_cents,
+        "lines": [
+            {"product_id": line.product_id, "quantity": line.quantity}
+            for line in order.lines
+        ],
+    }
+    _notify_all(session, ORDERS, [json.dumps(payload)])
+
+
+def event_id(epoch: str, seq: int) -> str:
+    return f"{epoch}-{seq}"
+
+
+def add_live_routes(
+    app: Klein,
+    routes: FiberRoutes,
+    db: EngineService,
+    heartbeat: float = 15.0,
+    max_queued: int = 1000,
+) -> None:
+    """
+    ``GET /events`` (the stream), ``GET /live`` (the page; ``GET /`` serves
+    it too) and ``GET /stats`` (pool, fiber and listener figures as JSON).
+    """
+
+    def load_snapshot() -> str:
+        assert db.sessionmaker is not None
+        with db.sessionmaker() as session:
+            products = session.scalars(
+                select(Product).order_by(Product.id).limit(SNAPSHOT_LIMIT)
+            ).all()
+            return json.dumps(
+                {
+                    "products": [stock_json(p) for p in products],
+                    "limit": SNAPSHOT_LIMIT,
+                }
+            )
+
+    @routes.route("/events", methods=["GET"], session=False)
+    def events(request: Any) -> Any:
+        # Subscribe first, then read the snapshot: whatever commits after
+        # the snapshot's query started is queued for this stream meanwhile.
+        # Both before the first byte goes out, so that a database outage is
+        # an ordinary 503, not a broken stream.
+        with listen(db, STOCK, ORDERS, max_queued=max_queued) as notes:
+            listener = notes.listener
+            position = event_id(listener.epoch, listener.seq)
+            resume = EventStream.last_event_id_of(request) == position
+            snapshot = None if resume else load_snapshot()
+            with EventStream(request, retry=2000) as stream:
+                if snapshot is not None:
+                    stream.send(snapshot, event="snapshot", id=position)
+                while True:
+                    try:
+                        note = notes.get(timeout=heartbeat)
+                    except WaitTimeout:
+                        stream.comment("keep-alive")
+                        continue
+                    except ListenerClosed:
+                        return None  # the service is stopping
+                    position = event_id(note.epoch, note.seq)
+                    if note.missed:
+                        # A gap (reconnected, or this client fell behind).
+                        try:
+                            snapshot = load_snapshot()
+                        except Exception as e:
+                            # The database is away: end the stream; the
+                            # browser reconnects and resyncs.
+                            log.warn(
+                                "event stream ended: no snapshot after a gap "
+                                "({error})",
+                                error=type(e).__name__,
+                            )
+                            return None
+                        stream.send(snapshot, event="snapshot", id=position)
+                    else:
+                        try:
+                            stream.send(note.payload, event=note.channel, id=position)
+                        except ClientStalled:
+                            return None
+
+    @routes.route("/stats", methods=["GET"], session=False)
+    def stats(request: Any) -> Any:
+        request.setHeader(b"cache-control", b"no-store")
+        pool = pool_stats(db.engine) if db.engine is not None else {}
+        return {
+            "pool": {
+                k: pool.get(k)
+                for k in ("size", "open", "checked_out", "idle", "overflow", "waiting")
+            },
+            "fibers": dict(fiber_stats()),
+            "listener": listener_stats(db),
+            "inflight": db.inflight,
+        }
+
+    @app.route("/live", methods=["GET"])
+    def live(request: Any) -> Any:
+        return live_page(request)
+
+
+def live_page(request: Any) -> bytes:
+    """The live page (static HTML; the data comes from /events and /stats)."""
+    request.setHeader(b"content-type", b"text/html; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-cache")
+    request.setHeader(
+        b"content-security-policy",
+        b"default-src 'none'; script-src 'unsafe-inline'; "
+        b"style-src 'unsafe-inline'; connect-src 'self'",
+    )
+    return INDEX_HTML.encode("utf-8")
+
+
+def wants_json(request: Any) -> bool:
+    """Whether the client asked for JSON rather than a page (``Accept``)."""
+    accept = (request.getHeader(b"accept") or b"").decode("latin-1").lower()
+    if not accept:
+        return False
+    html = _quality(accept, ("text/html", "application/xhtml+xml"))
+    as_json = _quality(accept, ("application/json",))
+    return as_json > 0 and as_json >= html
+
+
+def _quality(accept: str, types: tuple[str, ...]) -> float:
+    best = 0.0
+    for item in accept.split(","):
+        parts = [p.strip() for p in item.split(";")]
+        if parts[0] not in types:
+            continue
+        q: Optional[float] = 1.0
+        for param in parts[1:]:
+            if param.startswith("q="):
+                try:
+                    q = float(param[2:])
+                except ValueError:
+                    q = 0.0
+        best = max(best, q or 0.0)
+    return best

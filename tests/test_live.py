@@ -1,0 +1,334 @@
+"""
+Tests for the live shop (klein_demo.live) and txfiberdb.klein.EventStream:
+NOTIFY in the order's transaction, ``GET /events`` (Server-Sent Events over
+a real socket), ``Last-Event-ID``, heartbeats, clients leaving, the page and
+content negotiation; and, in headless Chromium, the page updating live.
+"""
+
+import json
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.trial.unittest import SynchronousTestCase
+
+from klein_demo.live import wants_json
+from txfiberdb import await_deferred, listener_stats
+from txfiberdb.klein import EventStream
+
+from .test_demo import ShopTestCase
+from .test_klein import wait_until
+
+
+class SSEClient(Protocol):
+    """
+    A raw HTTP/1.0 client for ``/events`` (no chunking to undo): the status,
+    the headers, then each event as a dict (``event``, ``id``, ``data``);
+    comment lines are counted.
+    """
+
+    def __init__(self, path, headers=None):
+        self.path = path
+        self.headers_out = headers or {}
+        self.buffer = b""
+        self.status = None
+        self.headers = {}
+        self.events = DeferredQueue()
+        self.comments = 0
+        self.done = Deferred()
+
+    def connectionMade(self):
+        lines = [f"GET {self.path} HTTP/1.0", "Host: 127.0.0.1"]
+        lines += [f"{k}: {v}" for k, v in self.headers_out.items()]
+        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+    def dataReceived(self, data):
+        self.buffer += data
+        if self.status is None:
+            if b"\r\n\r\n" not in self.buffer:
+                return
+            head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            first, *rest = head.decode("latin-1").split("\r\n")
+            self.status = int(first.split()[1])
+            for line in rest:
+                k, _, v = line.partition(":")
+                self.headers[k.strip().lower()] = v.strip()
+        while b"\n\n" in self.buffer:
+            block, self.buffer = self.buffer.split(b"\n\n", 1)
+            event = {"data": []}
+            for line in block.decode("utf-8").split("\n"):
+                if line.startswith(":"):
+                    self.comments += 1
+                    continue
+                field, _, value = line.partition(": ")
+                if field == "data":
+                    event["data"].append(value)
+                else:
+                    event[field] = value
+            if "event" in event or event["data"]:
+                event["data"] = "\n".join(event["data"])
+                self.events.put(event)
+
+    def connectionLost(self, reason):
+        self.done.callback(None)
+
+    def next(self, timeout=30):
+        return await_deferred(self.events.get(), timeout=timeout)
+
+    def next_of(self, kind, timeout=30):
+        while True:
+            event = self.next(timeout)
+            if event.get("event") == kind:
+                return event
+
+
+class LiveTestCase(ShopTestCase):
+    def open_stream(self, last_event_id=None, path="/events"):
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        port = int(self.base.rsplit(":", 1)[1])
+        client = SSEClient(path, headers)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        await_deferred(connectProtocol(endpoint, client))
+
+        def close():
+            if client.transport.connected:
+                client.transport.loseConnection()
+            await_deferred(client.done)
+
+        self.addCleanup(close)
+        wait_until(lambda: client.status is not None, what="response headers")
+        return client
+
+    def order(self, product_id, quantity=1, customer_id=None):
+        if customer_id is None:
+            customer_id = self.new_customer()["id"]
+        return self.http.post(
+            "/orders",
+            {
+                "customer_id": customer_id,
+                "lines": [{"product_id": product_id, "quantity": quantity}],
+            },
+        )
+
+
+class EventsTests(LiveTestCase):
+    def test_snapshot_then_changes(self):
+        product = self.new_product(stock=10)
+        stream = self.open_stream()
+        self.assertEqual(stream.status, 200)
+        self.assertEqual(
+            stream.headers["content-type"], "text/event-stream; charset=utf-8"
+        )
+        self.assertIn("no-cache", stream.headers["cache-control"])
+        snapshot = stream.next()
+        self.assertEqual(snapshot["event"], "snapshot")
+        products = {p["id"]: p for p in json.loads(snapshot["data"])["products"]}
+        self.assertEqual(products[product["id"]]["stock"], 10)
+
+        r = self.order(product["id"], 3)
+        self.assertEqual(r.code, 201, r)
+        stock = stream.next_of("stock")
+        self.assertEqual(
+            json.loads(stock["data"]),
+            {
+                "id": product["id"],
+                "sku": product["sku"],
+                "name": product["name"],
+                "stock": 7,
+                "price_cents": product["price_cents"],
+            },
+        )
+        order = json.loads(stream.next_of("orders")["data"])
+        self.assertEqual(order["id"], r.json["id"])
+        self.assertEqual(
+            order["lines"], [{"product_id": product["id"], "quantity": 3}]
+        )
+        self.assertNotIn("customer_id", order)  # nothing personal on the page
+        # Ids: the listener's epoch and an increasing position.
+        epochs = {e["id"].split("-")[0] for e in (snapshot, stock)}
+        self.assertEqual(len(epochs), 1)
+        self.assertLess(
+            int(snapshot["id"].split("-")[1]), int(stock["id"].split("-")[1])
+        )
+
+    def test_rolled_back_order_announces_nothing(self):
+        product = self.new_product(stock=2)
+        stream = self.open_stream()
+        stream.next_of("snapshot")
+        refused = self.order(product["id"], 5)  # short: 409, rolled back
+        self.assertEqual(refused.code, 409, refused)
+        r = self.http.request("PATCH", f"/products/{product['id']}", {"stock": 4})
+        self.assertEqual(r.code, 200, r)
+        first = stream.next()
+        self.assertEqual(first["event"], "stock")
+        self.assertEqual(json.loads(first["data"])["stock"], 4)
+
+    def test_product_changes_and_deletes_are_announced(self):
+        stream = self.open_stream()
+        stream.next_of("snapshot")
+        product = self.new_product(stock=5)
+        self.assertEqual(json.loads(stream.next_of("stock")["data"])["id"], product["id"])
+        r = self.http.request("DELETE", f"/products/{product['id']}")
+        self.assertEqual(r.code, 204)
+        self.assertEqual(
+            json.loads(stream.next_of("stock")["data"]),
+            {"id": product["id"], "deleted": True},
+        )
+
+    def test_last_event_id(self):
+        product = self.new_product(stock=50)
+        keeper = self.open_stream()  # keeps the listener connection open
+        keeper.next_of("snapshot")
+        first = self.open_stream()
+        first.next_of("snapshot")
+        self.order(product["id"])
+        last = first.next_of("orders")["id"]
+        first.transport.loseConnection()
+        await_deferred(first.done)
+
+        # Nothing happened since: no snapshot, straight to the next change.
+        again = self.open_stream(last_event_id=last)
+        self.order(product["id"])
+        event = again.next()
+        self.assertEqual(event["event"], "stock")
+        self.assertEqual(json.loads(event["data"])["stock"], 48)
+
+        # Something happened while away: a snapshot first, with it in.
+        again.transport.loseConnection()
+        await_deferred(again.done)
+        self.order(product["id"])
+        wait_until(lambda: listener_stats(self.shop.db)["received"] >= 6)
+        behind = self.open_stream(last_event_id=last)
+        snap = behind.next()
+        self.assertEqual(snap["event"], "snapshot")
+        stocks = {p["id"]: p["stock"] for p in json.loads(snap["data"])["products"]}
+        self.assertEqual(stocks[product["id"]], 47)
+
+        # An id we never sent (another process, garbage): a snapshot.
+        for bogus in ["nonsense", "x" * 300]:
+            other = self.open_stream(last_event_id=bogus)
+            self.assertEqual(other.next()["event"], "snapshot")
+
+    def test_client_leaving_ends_its_fiber(self):
+        streams = [self.open_stream() for _ in range(5)]
+        for s in streams:
+            s.next_of("snapshot")
+        self.assertEqual(listener_stats(self.shop.db)["subscribers"], 5)
+        self.assertEqual(self.shop.db.inflight, 5)
+        for s in streams:
+            s.transport.loseConnection()
+        wait_until(lambda: self.shop.db.inflight == 0, what="stream fibers ended")
+        wait_until(lambda: not listener_stats(self.shop.db)["connected"])
+        self.assertEqual(self.http.get("/health").json["pool"]["checked_out"], 0)
+
+    def test_service_stop_ends_streams(self):
+        stream = self.open_stream()
+        stream.next_of("snapshot")
+        await_deferred(self.shop.stopService())
+        await_deferred(stream.done)  # the server finished the response
+
+    def test_database_down_is_a_503(self):
+        self.shop.db.engine.dispose()
+        url = self.shop.db.engine.url
+        self.shop.db.engine.url = url.set(port=1)  # nobody listens there
+        self.addCleanup(setattr, self.shop.db.engine, "url", url)
+        stream = self.open_stream()
+        self.assertEqual(stream.status, 503)
+
+
+class ShortHeartbeatTests(LiveTestCase):
+    def setUp(self):
+        import klein_demo.tap
+
+        original = klein_demo.tap.make_app
+
+        def make_app(*args, **kwargs):
+            kwargs["heartbeat"] = 0.05
+            return original(*args, **kwargs)
+
+        klein_demo.tap.make_app = make_app
+        try:
+            super().setUp()
+        finally:
+            klein_demo.tap.make_app = original
+
+    def test_heartbeat_comments(self):
+        stream = self.open_stream()
+        stream.next_of("snapshot")
+        before = stream.comments
+        wait_until(lambda: stream.comments >= before + 2, what="heartbeats")
+        # And events still flow between them.
+        product = self.new_product()
+        self.assertEqual(
+            json.loads(stream.next_of("stock")["data"])["id"], product["id"]
+        )
+
+
+class PageTests(LiveTestCase):
+    def test_index_is_the_page(self):
+        r = self.http.get("/", headers={b"accept": [b"text/html,*/*;q=0.8"]})
+        self.assertEqual(r.code, 200)
+        self.assertEqual(r.header("content-type"), b"text/html; charset=utf-8")
+        self.assertIn(b'new EventSource("/events")', r.body)
+        self.assertIn(b"default-src 'none'", r.header("content-security-policy"))
+        self.assertEqual(self.http.get("/").header("content-type")[:9], b"text/html")
+
+    def test_stats(self):
+        body = self.http.get("/stats").json
+        self.assertEqual(set(body), {"pool", "fibers", "listener", "inflight"})
+        self.assertIn("parked", body["fibers"])
+        self.assertIn("subscribers", body["listener"])
+
+
+class NegotiationTests(SynchronousTestCase):
+    def accept(self, value):
+        class Request:
+            def getHeader(self, name):
+                return value
+
+        return wants_json(Request())
+
+    def test_wants_json(self):
+        self.assertTrue(self.accept(b"application/json"))
+        self.assertTrue(self.accept(b"application/json, text/plain, */*"))
+        self.assertFalse(self.accept(None))
+        self.assertFalse(self.accept(b"*/*"))
+        self.assertFalse(
+            self.accept(b"text/html,application/xhtml+xml,application/xml;q=0.9,*/*")
+        )
+        self.assertFalse(self.accept(b"text/html, application/json;q=0.5"))
+        self.assertFalse(self.accept(b"application/json;q=0"))
+        self.assertFalse(self.accept(b"application/json;q=bad"))
+
+
+class FramingTests(SynchronousTestCase):
+    def test_frame(self):
+        self.assertEqual(
+            EventStream.frame("a\nb\r\nc\rd", event="stock", id="e1-2"),
+            b"event: stock\nid: e1-2\ndata: a\ndata: b\ndata: c\ndata: d\n\n",
+        )
+        self.assertEqual(EventStream.frame(""), b"data: \n\n")
+        self.assertEqual(EventStream.frame("é"), "data: é\n\n".encode())
+
+    def test_bad_fields(self):
+        self.assertRaises(ValueError, EventStream.frame, "x", event="a\nb")
+        self.assertRaises(ValueError, EventStream.frame, "x", id="1\r2")
+        self.assertRaises(ValueError, EventStream.frame, "x", id="1\x002")
+
+    def test_last_event_id_of(self):
+        class Request:
+            def __init__(self, value):
+                self.value = value
+
+            def getHeader(self, name):
+                assert name == b"last-event-id"
+                return self.value
+
+        self.assertEqual(EventStream.last_event_id_of(Request(b"ab-1")), "ab-1")
+        self.assertIsNone(EventStream.last_event_id_of(Request(None)))
+        self.assertIsNone(EventStream.last_event_id_of(Request(b"")))
+        self.assertIsNone(EventStream.last_event_id_of(Request(b"\xff")))
+        self.assertIsNone(EventStream.last_event_id_of(Request(b"a\x00")))
+        self.assertIsNone(EventStream.last_event_id_of(Request(b"x" * 257)))
+
