@@ -332,3 +332,49 @@ class FramingTests(SynchronousTestCase):
         self.assertIsNone(EventStream.last_event_id_of(Request(b"a\x00")))
         self.assertIsNone(EventStream.last_event_id_of(Request(b"x" * 257)))
 
+
+
+class BrowserTests(LiveTestCase):
+    """The page in headless Chromium (skipped where it is not installed)."""
+
+    def test_page_updates_live(self):
+        from .browser import Browser
+
+        browser = Browser(self)
+        product = self.new_product(stock=20, name="Live <b>widget</b>")
+        browser.open(self.base + "/")
+        row = f"document.querySelector('#product-{product['id']} td.stock')"
+
+        def shown_stock():
+            return browser.evaluate(f"{row} && {row}.textContent")
+
+        wait_until(lambda: shown_stock() == "20", timeout=60, what="the page's table")
+        self.assertEqual(browser.evaluate("document.body.dataset.state"), "live")
+        # Data is text, never markup.
+        name = browser.evaluate(
+            f"document.querySelector('#product-{product['id']} td.name').textContent"
+        )
+        self.assertEqual(name, "Live <b>widget</b>")
+
+        r = self.order(product["id"], 3)
+        self.assertEqual(r.code, 201, r)
+        wait_until(lambda: shown_stock() == "17", timeout=60, what="the new stock")
+        orders = browser.evaluate("document.getElementById('orders').textContent")
+        self.assertIn(f"order {r.json['id']}:", orders)
+
+        # A product created meanwhile appears without a reload.
+        fresh = self.new_product(stock=4)
+        fresh_row = f"document.querySelector('#product-{fresh['id']} td.stock')"
+        wait_until(
+            lambda: browser.evaluate(f"{fresh_row} && {fresh_row}.textContent") == "4",
+            timeout=60,
+            what="the new product",
+        )
+        # The stats come from /stats.
+        wait_until(
+            lambda: "live streams" in browser.evaluate(
+                "document.getElementById('stats').textContent"
+            ),
+            timeout=60,
+            what="the stats",
+        )
