@@ -286,6 +286,7 @@ def run_clients(args, port: int, server_pid: int, dsn: str) -> dict:
         results["every_client_p50_ms"] = 1000 * statistics.median(last)
         results["every_client_max_ms"] = 1000 * max(last)
         results["rss_end_kib"] = rss_kib(server_pid)
+        results["round_max_ms"] = [round(1000 * x, 1) for x in last]
         for c in clients:
             c.transport.loseConnection()
 

@@ -40,18 +40,22 @@ that rolls back (an order refused for lack of stock announces nothing).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Optional
 
 from klein import Klein
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from klein_demo.models import Order, Product
 from klein_demo.page import INDEX_HTML
 from txfiberdb import (
     ListenerClosed,
+    Missed,
     WaitTimeout,
+    await_deferred,
     fiber_stats,
     listen,
     listener_stats,
@@ -127,6 +131,50 @@ def announce_order(session: Session, order: Order) -> None:
     _notify_all(session, ORDERS, [json.dumps(payload)])
 
 
+class SnapshotCache:
+    """
+    The last snapshot, shared by the streams that start at the same position
+    of the listener's stream (after a restart every browser reconnects at
+    once: one query then, not one per browser).  Correct because every
+    change of the products is announced: at an unchanged position (no
+    notification since), a snapshot read then is still current, or the
+    change that makes it stale is still to be delivered to a stream that
+    has subscribed already.  Streams that ask while one is being read wait
+    for it.
+    """
+
+    def __init__(self, load: Callable[[], str]) -> None:
+        self.load = load
+        self.position: Optional[str] = None
+        self.data: Optional[str] = None
+        self._loading: Optional[tuple[str, list[Deferred[Optional[str]]]]] = None
+
+    def get(self, position: str) -> str:
+        """The snapshot for ``position`` (an event id), read if needed."""
+        if self.position == position and self.data is not None:
+            return self.data
+        loading = self._loading
+        if loading is not None and loading[0] == position:
+            d: Deferred[Optional[str]] = Deferred()
+            loading[1].append(d)
+            shared = await_deferred(d)
+            if shared is not None:
+                return shared
+            return self.load()  # the shared read failed: try on our own
+        waiters: list[Deferred[Optional[str]]] = []
+        self._loading = (position, waiters)
+        data: Optional[str] = None
+        try:
+            data = self.load()
+            self.position, self.data = position, data
+            return data
+        finally:
+            if self._loading is not None and self._loading[1] is waiters:
+                self._loading = None
+            for w in waiters:
+                w.callback(data)
+
+
 def event_id(epoch: str, seq: int) -> str:
     return f"{epoch}-{seq}"
 
@@ -146,15 +194,23 @@ def add_live_routes(
     def load_snapshot() -> str:
         assert db.sessionmaker is not None
         with db.sessionmaker() as session:
-            products = session.scalars(
-                select(Product).order_by(Product.id).limit(SNAPSHOT_LIMIT)
+            # Core rows, not ORM objects: a snapshot is read-only JSON.
+            rows = session.execute(
+                select(
+                    Product.id,
+                    Product.sku,
+                    Product.name,
+                    Product.stock,
+                    Product.price_cents,
+                )
+                .order_by(Product.id)
+                .limit(SNAPSHOT_LIMIT)
             ).all()
-            return json.dumps(
-                {
-                    "products": [stock_json(p) for p in products],
-                    "limit": SNAPSHOT_LIMIT,
-                }
-            )
+        return json.dumps(
+            {"products": [row._asdict() for row in rows], "limit": SNAPSHOT_LIMIT}
+        )
+
+    snapshots = SnapshotCache(load_snapshot)
 
     @routes.route("/events", methods=["GET"], session=False)
     def events(request: Any) -> Any:
@@ -166,10 +222,11 @@ def add_live_routes(
             listener = notes.listener
             position = event_id(listener.epoch, listener.seq)
             resume = EventStream.last_event_id_of(request) == position
-            snapshot = None if resume else load_snapshot()
+            snapshot = None if resume else snapshots.get(position)
             with EventStream(request, retry=2000) as stream:
                 if snapshot is not None:
                     stream.send(snapshot, event="snapshot", id=position)
+                    snapshot = None  # not kept for the stream's life
                 while True:
                     try:
                         note = notes.get(timeout=heartbeat)
@@ -179,10 +236,10 @@ def add_live_routes(
                     except ListenerClosed:
                         return None  # the service is stopping
                     position = event_id(note.epoch, note.seq)
-                    if note.missed:
+                    if isinstance(note, Missed):
                         # A gap (reconnected, or this client fell behind).
                         try:
-                            snapshot = load_snapshot()
+                            snapshot = snapshots.get(position)
                         except Exception as e:
                             # The database is away: end the stream; the
                             # browser reconnects and resyncs.
@@ -193,6 +250,7 @@ def add_live_routes(
                             )
                             return None
                         stream.send(snapshot, event="snapshot", id=position)
+                        snapshot = None
                     else:
                         try:
                             stream.send(note.payload, event=note.channel, id=position)

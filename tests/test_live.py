@@ -210,6 +210,33 @@ class EventsTests(LiveTestCase):
             other = self.open_stream(last_event_id=bogus)
             self.assertEqual(other.next()["event"], "snapshot")
 
+    def test_streams_starting_together_share_one_snapshot(self):
+        from sqlalchemy import event
+
+        reads = []
+
+        def count(conn, cursor, statement, *args):
+            if "FROM products ORDER BY products.id" in statement:
+                reads.append(statement)
+
+        event.listen(self.shop.db.engine, "before_cursor_execute", count)
+        self.addCleanup(
+            event.remove, self.shop.db.engine, "before_cursor_execute", count
+        )
+        keeper = self.open_stream()
+        keeper.next_of("snapshot")
+        self.assertEqual(len(reads), 1)
+        streams = [self.open_stream() for _ in range(10)]
+        snapshots = {s.next_of("snapshot")["data"] for s in streams}
+        self.assertEqual(len(snapshots), 1)
+        self.assertEqual(len(reads), 1)  # nothing changed: the same one
+        product = self.new_product(stock=3)
+        keeper.next_of("stock")
+        late = self.open_stream()
+        data = json.loads(late.next_of("snapshot")["data"])
+        self.assertIn(product["id"], [p["id"] for p in data["products"]])
+        self.assertEqual(len(reads), 2)
+
     def test_client_leaving_ends_its_fiber(self):
         streams = [self.open_stream() for _ in range(5)]
         for s in streams:

@@ -620,6 +620,16 @@ class EventStream:
     #: The longest ``Last-Event-ID`` taken (longer ones are ignored).
     MAX_ID_LENGTH = 256
 
+    __slots__ = (
+        "request",
+        "stall_timeout",
+        "paused",
+        "closed",
+        "sent",
+        "last_event_id",
+        "_resumed",
+    )
+
     def __init__(
         self, request: Any, retry: Optional[int] = None, stall_timeout: float = 60.0
     ) -> None:
