@@ -52,9 +52,7 @@ from twisted.logger import Logger
 from klein_demo.models import Order, Product
 from klein_demo.page import INDEX_HTML
 from txfiberdb import (
-    ListenerClosed,
     Missed,
-    WaitTimeout,
     await_deferred,
     fiber_stats,
     listen,
@@ -223,18 +221,13 @@ def add_live_routes(
             position = event_id(listener.epoch, listener.seq)
             resume = EventStream.last_event_id_of(request) == position
             snapshot = None if resume else snapshots.get(position)
-            with EventStream(request, retry=2000) as stream:
+            with EventStream(request, retry=2000, heartbeat=heartbeat) as stream:
                 if snapshot is not None:
                     stream.send(snapshot, event="snapshot", id=position)
                     snapshot = None  # not kept for the stream's life
-                while True:
-                    try:
-                        note = notes.get(timeout=heartbeat)
-                    except WaitTimeout:
-                        stream.comment("keep-alive")
-                        continue
-                    except ListenerClosed:
-                        return None  # the service is stopping
+                # Ends when the service stops (the listener closes); the
+                # client leaving cancels the fiber here.
+                for note in notes:
                     position = event_id(note.epoch, note.seq)
                     if isinstance(note, Missed):
                         # A gap (reconnected, or this client fell behind).
@@ -256,6 +249,7 @@ def add_live_routes(
                             stream.send(note.payload, event=note.channel, id=position)
                         except ClientStalled:
                             return None
+                return None
 
     @routes.route("/stats", methods=["GET"], session=False)
     def stats(request: Any) -> Any:

@@ -591,13 +591,8 @@ class EventStream:
 
         @routes.route("/events", session=False)
         def events(request):
-            with EventStream(request) as stream, listen(db, "news") as notes:
-                while True:
-                    try:
-                        note = notes.get(timeout=15)
-                    except WaitTimeout:
-                        stream.comment()        # a heartbeat for proxies
-                        continue
+            with listen(db, "news") as notes, EventStream(request) as stream:
+                for note in notes:
                     stream.send(note.payload, event=note.channel)
 
     The handler runs until the client leaves (Klein cancels its fiber:
@@ -613,6 +608,11 @@ class EventStream:
     :exc:`ClientStalled`.  A server's memory cannot be held by a client
     that stopped reading.
 
+    Heartbeat: every ``heartbeat`` seconds (15) a comment line goes to each
+    open stream, so that proxies and load balancers do not close an idle
+    one.  One timer per process serves all the streams (not a timer per
+    stream re-armed at each event); it runs only while streams are open.
+
     :param retry: milliseconds the browser waits before reconnecting (sent
         as ``retry:``); the browser's default (about 3 s) when ``None``.
     """
@@ -622,6 +622,7 @@ class EventStream:
 
     __slots__ = (
         "request",
+        "heartbeat",
         "stall_timeout",
         "paused",
         "closed",
@@ -631,11 +632,18 @@ class EventStream:
     )
 
     def __init__(
-        self, request: Any, retry: Optional[int] = None, stall_timeout: float = 60.0
+        self,
+        request: Any,
+        retry: Optional[int] = None,
+        heartbeat: Optional[float] = 15.0,
+        stall_timeout: float = 60.0,
     ) -> None:
         if retry is not None and (not isinstance(retry, int) or retry < 0):
             raise ValueError(f"retry must be a non-negative int, not {retry!r}")
+        if heartbeat is not None and heartbeat <= 0:
+            raise ValueError("heartbeat must be positive (or None for none)")
         self.request = request
+        self.heartbeat = heartbeat
         self.stall_timeout = stall_timeout
         self.paused = False
         self.closed = False
@@ -650,6 +658,8 @@ class EventStream:
         # Sends the headers now: the browser's EventSource opens.
         opening = f"retry: {retry}\n\n" if retry is not None else ": open\n\n"
         request.write(opening.encode("ascii"))
+        if heartbeat is not None:
+            _Heartbeat.join(self, heartbeat)
 
     @classmethod
     def last_event_id_of(cls, request: Any) -> Optional[str]:
@@ -702,6 +712,14 @@ class EventStream:
         body = "".join(f": {line}\n" for line in _LINE_BREAK.split(text))
         self._write((body + "\n").encode("utf-8"))
 
+    def beat(self) -> None:
+        """
+        Write a heartbeat comment now, unless the client lags (then it has
+        data to read anyway).  Never waits: the shared timer calls it.
+        """
+        if not self.closed and not self.paused:
+            self.request.write(b": keep-alive\n\n")
+
     def _write(self, chunk: bytes) -> None:
         if self.closed:
             raise ClientStalled("the event stream is closed")
@@ -748,6 +766,8 @@ class EventStream:
         if self.closed:
             return
         self.closed = True
+        if self.heartbeat is not None:
+            _Heartbeat.leave(self, self.heartbeat)
         request = self.request
         if getattr(request, "producer", None) is self:
             if request.channel is not None:
@@ -760,3 +780,51 @@ class EventStream:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class _Heartbeat:
+    """One timer per heartbeat interval for all the open event streams."""
+
+    tickers: dict[float, _Heartbeat] = {}
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.streams: set[EventStream] = set()
+        self.call: Any = None
+
+    @classmethod
+    def join(cls, stream: EventStream, interval: float) -> None:
+        ticker = cls.tickers.get(interval)
+        if ticker is None:
+            ticker = cls.tickers[interval] = cls(interval)
+        ticker.streams.add(stream)
+        if ticker.call is None:
+            ticker.schedule()
+
+    @classmethod
+    def leave(cls, stream: EventStream, interval: float) -> None:
+        ticker = cls.tickers.get(interval)
+        if ticker is None:
+            return
+        ticker.streams.discard(stream)
+        if not ticker.streams:
+            del cls.tickers[interval]
+            if ticker.call is not None and ticker.call.active():
+                ticker.call.cancel()
+            ticker.call = None
+
+    def schedule(self) -> None:
+        from twisted.internet import reactor as _reactor
+
+        reactor: Any = _reactor
+        self.call = reactor.callLater(self.interval, self.tick)
+
+    def tick(self) -> None:
+        self.call = None
+        for stream in list(self.streams):
+            try:
+                stream.beat()
+            except Exception:
+                _log.failure("event stream heartbeat failed")
+        if self.streams and _Heartbeat.tickers.get(self.interval) is self:
+            self.schedule()
