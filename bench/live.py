@@ -312,10 +312,17 @@ def start_fibers(dsn: str, port: int, workdir: str) -> subprocess.Popen:
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     return subprocess.Popen(
         [
-            twistd, "-n", "--pidfile=", "--logfile",
-            os.path.join(workdir, "twistd.log"), "klein-demo",
-            "--dsn", dsn, "--sample-data",
-            "--listen", f"tcp:{port}:interface=127.0.0.1:backlog=1024",
+            twistd,
+            "-n",
+            "--pidfile=",
+            "--logfile",
+            os.path.join(workdir, "twistd.log"),
+            "klein-demo",
+            "--dsn",
+            dsn,
+            "--sample-data",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1:backlog=1024",
         ],
         cwd=workdir,
     )
@@ -323,8 +330,15 @@ def start_fibers(dsn: str, port: int, workdir: str) -> subprocess.Popen:
 
 def start_threads(dsn: str, port: int, workdir: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--serve-threads",
-         "--dsn", dsn, "--port", str(port)],
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--serve-threads",
+            "--dsn",
+            dsn,
+            "--port",
+            str(port),
+        ],
         cwd=workdir,
     )
 
@@ -384,8 +398,10 @@ def main() -> None:
     print()
     print(f"{args.clients} clients held, {args.rounds} rounds")
     print()
-    print("| server | RSS before (MiB) | RSS held (MiB) | KiB / client | threads |"
-          " p50 (ms) | p99 (ms) | max (ms) | every client, median round (ms) |")
+    print(
+        "| server | RSS before (MiB) | RSS held (MiB) | KiB / client | threads |"
+        " p50 (ms) | p99 (ms) | max (ms) | every client, median round (ms) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for kind, r in rows:
         print(
@@ -398,10 +414,24 @@ def main() -> None:
 def run_clients_subprocess(args, port: int, pid: int, dsn: str) -> dict:
     """The clients in a child process: each run gets a fresh reactor."""
     out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--clients-only",
-         json.dumps({"clients": args.clients, "warm": args.warm,
-                     "rounds": args.rounds, "port": port, "pid": pid, "dsn": dsn})],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--clients-only",
+            json.dumps(
+                {
+                    "clients": args.clients,
+                    "warm": args.warm,
+                    "rounds": args.rounds,
+                    "port": port,
+                    "pid": pid,
+                    "dsn": dsn,
+                }
+            ),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

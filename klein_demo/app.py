@@ -208,6 +208,7 @@ def make_app(
     probe: Optional[ReadinessProbe] = None,
     slow_route_concurrency: int = 5,
     heartbeat: float = 15.0,
+    max_streams: int = 10_000,
 ) -> Klein:
     """
     The shop's Klein app, serving from ``db``'s fibers and pool.
@@ -218,6 +219,7 @@ def make_app(
         connection for up to 10 s) may run at once, so that they cannot
         starve the rest of the shop of connections.
     :param heartbeat: seconds between keep-alive comments on ``/events``.
+    :param max_streams: ``/events`` streams open at once (more get a 503).
     """
     app = Klein()
     metrics = metrics if metrics is not None else Metrics()
@@ -568,7 +570,7 @@ def make_app(
         metrics.observe("metrics", 200, _now() - started)
         return body.encode("utf-8")
 
-    add_live_routes(app, routes, db, heartbeat=heartbeat)
+    add_live_routes(app, routes, db, heartbeat=heartbeat, max_streams=max_streams)
 
     @app.route("/", methods=["GET"])
     def index(request: Any) -> Any:

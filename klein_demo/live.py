@@ -52,6 +52,7 @@ from twisted.logger import Logger
 from klein_demo.models import Order, Product
 from klein_demo.page import INDEX_HTML
 from txfiberdb import (
+    ListenerClosed,
     Missed,
     await_deferred,
     fiber_stats,
@@ -59,8 +60,8 @@ from txfiberdb import (
     listener_stats,
     pool_stats,
 )
-from txfiberdb.klein import ClientStalled, EventStream, FiberRoutes
-from txfiberdb.service import EngineService
+from txfiberdb.klein import ClientStalled, EventStream, FiberRoutes, RouteBusy
+from txfiberdb.service import EngineService, ServiceStopping
 
 __all__ = [
     "ORDERS",
@@ -183,11 +184,16 @@ def add_live_routes(
     db: EngineService,
     heartbeat: float = 15.0,
     max_queued: int = 1000,
+    max_streams: int = 10_000,
 ) -> None:
     """
     ``GET /events`` (the stream), ``GET /live`` (the page; ``GET /`` serves
     it too) and ``GET /stats`` (pool, fiber and listener figures as JSON).
+
+    :param max_streams: streams open at once; more get a 503 with
+        ``Retry-After`` (each holds a socket and about 25 KiB).
     """
+    open_streams = [0]
 
     def load_snapshot() -> str:
         assert db.sessionmaker is not None
@@ -212,6 +218,18 @@ def add_live_routes(
 
     @routes.route("/events", methods=["GET"], session=False)
     def events(request: Any) -> Any:
+        if open_streams[0] >= max_streams:
+            raise RouteBusy("too many live streams open, try again later")
+        open_streams[0] += 1
+        try:
+            return stream_events(request)
+        except ListenerClosed:
+            # Closed while subscribing: the service is stopping.
+            raise ServiceStopping("the service is stopping") from None
+        finally:
+            open_streams[0] -= 1
+
+    def stream_events(request: Any) -> Any:
         # Subscribe first, then read the snapshot: whatever commits after
         # the snapshot's query started is queued for this stream meanwhile.
         # Both before the first byte goes out, so that a database outage is
@@ -237,8 +255,7 @@ def add_live_routes(
                             # The database is away: end the stream; the
                             # browser reconnects and resyncs.
                             log.warn(
-                                "event stream ended: no snapshot after a gap "
-                                "({error})",
+                                "event stream ended: no snapshot after a gap ({error})",
                                 error=type(e).__name__,
                             )
                             return None

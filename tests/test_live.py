@@ -141,9 +141,7 @@ class EventsTests(LiveTestCase):
         )
         order = json.loads(stream.next_of("orders")["data"])
         self.assertEqual(order["id"], r.json["id"])
-        self.assertEqual(
-            order["lines"], [{"product_id": product["id"], "quantity": 3}]
-        )
+        self.assertEqual(order["lines"], [{"product_id": product["id"], "quantity": 3}])
         self.assertNotIn("customer_id", order)  # nothing personal on the page
         # Ids: the listener's epoch and an increasing position.
         epochs = {e["id"].split("-")[0] for e in (snapshot, stock)}
@@ -168,7 +166,9 @@ class EventsTests(LiveTestCase):
         stream = self.open_stream()
         stream.next_of("snapshot")
         product = self.new_product(stock=5)
-        self.assertEqual(json.loads(stream.next_of("stock")["data"])["id"], product["id"])
+        self.assertEqual(
+            json.loads(stream.next_of("stock")["data"])["id"], product["id"]
+        )
         r = self.http.request("DELETE", f"/products/{product['id']}")
         self.assertEqual(r.code, 204)
         self.assertEqual(
@@ -264,14 +264,18 @@ class EventsTests(LiveTestCase):
         self.assertEqual(stream.status, 503)
 
 
-class ShortHeartbeatTests(LiveTestCase):
+class SmallLimitsTests(LiveTestCase):
+    """A shop with a short heartbeat and room for three streams."""
+
+    app_options = {"heartbeat": 0.05, "max_streams": 3}
+
     def setUp(self):
         import klein_demo.tap
 
         original = klein_demo.tap.make_app
 
         def make_app(*args, **kwargs):
-            kwargs["heartbeat"] = 0.05
+            kwargs.update(self.app_options)
             return original(*args, **kwargs)
 
         klein_demo.tap.make_app = make_app
@@ -290,6 +294,17 @@ class ShortHeartbeatTests(LiveTestCase):
         self.assertEqual(
             json.loads(stream.next_of("stock")["data"])["id"], product["id"]
         )
+
+    def test_too_many_streams_is_a_503(self):
+        streams = [self.open_stream() for _ in range(3)]
+        for stream in streams:
+            stream.next_of("snapshot")
+        refused = self.open_stream()
+        self.assertEqual(refused.status, 503)
+        self.assertEqual(refused.headers.get("retry-after"), "1")
+        streams[0].transport.loseConnection()
+        wait_until(lambda: self.shop.db.inflight == 2, what="a stream gone")
+        self.assertEqual(self.open_stream().status, 200)
 
 
 class PageTests(LiveTestCase):
@@ -360,7 +375,6 @@ class FramingTests(SynchronousTestCase):
         self.assertIsNone(EventStream.last_event_id_of(Request(b"x" * 257)))
 
 
-
 class BrowserTests(LiveTestCase):
     """The page in headless Chromium (skipped where it is not installed)."""
 
@@ -399,8 +413,9 @@ class BrowserTests(LiveTestCase):
         )
         # The stats come from /stats.
         wait_until(
-            lambda: "live streams" in browser.evaluate(
-                "document.getElementById('stats').textContent"
+            lambda: (
+                "live streams"
+                in browser.evaluate("document.getElementById('stats').textContent")
             ),
             timeout=60,
             what="the stats",

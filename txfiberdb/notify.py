@@ -305,8 +305,10 @@ class Listener:
     def __init__(self, engine: Any) -> None:
         dialect = engine.dialect
         dbapi = getattr(dialect, "loaded_dbapi", None)
-        if dbapi is None or not hasattr(dbapi, "Connection") or not hasattr(
-            dbapi.Connection, "add_notify_observer"
+        if (
+            dbapi is None
+            or not hasattr(dbapi, "Connection")
+            or not hasattr(dbapi.Connection, "add_notify_observer")
         ):
             raise TypeError(
                 "txfiberdb.listen() needs an engine on postgresql+txpostgres:// "
@@ -539,9 +541,7 @@ class Listener:
                     delay = min(delay * 2, BACKOFF_MAX)
             if self.connected:
                 self.reconnects += 1
-                _log.info(
-                    "LISTEN connection restored after {n} attempt(s)", n=attempts
-                )
+                _log.info("LISTEN connection restored after {n} attempt(s)", n=attempts)
         except CancelledError:
             return
         finally:
