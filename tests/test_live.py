@@ -17,6 +17,7 @@ from klein_demo.live import wants_json
 from txfiberdb import await_deferred, listener_stats
 from txfiberdb.klein import EventStream
 
+from .support import DatabaseTestCase
 from .test_demo import ShopTestCase
 from .test_klein import wait_until
 
@@ -420,3 +421,65 @@ class BrowserTests(LiveTestCase):
             timeout=60,
             what="the stats",
         )
+
+
+class EventStreamBackPressureTests(DatabaseTestCase):
+    """A client that stops reading cannot make the server buffer without end."""
+
+    def test_stalled_client_is_dropped(self):
+        from klein import Klein
+        from twisted.web.server import Site
+
+        from txfiberdb.klein import ClientStalled, FiberRoutes
+        from txfiberdb.service import EngineService
+
+        from .test_klein import HTTPServer
+
+        service = EngineService(self.url)
+        service.startService()
+        self.addCleanup(lambda: await_deferred(service.stopService()))
+        app = Klein()
+        routes = FiberRoutes(service, app)
+        outcome = {}
+
+        @routes.route("/flood", session=False)
+        def flood(request):
+            chunk = "x" * 65536
+            with EventStream(request, heartbeat=None, stall_timeout=0.5) as stream:
+                try:
+                    while True:
+                        stream.send(chunk)
+                        outcome["sent"] = stream.sent
+                        if stream.paused:
+                            outcome["paused"] = True
+                except ClientStalled as e:
+                    outcome["stalled"] = str(e)
+            return None
+
+        server = HTTPServer(self, Site(app.resource()))
+        port = int(server.base.rsplit(":", 1)[1])
+
+        class Sleeper(Protocol):
+            """Sends its request, then never reads again."""
+
+            def __init__(self):
+                self.done = Deferred()
+
+            def connectionMade(self):
+                self.transport.write(b"GET /flood HTTP/1.0\r\n\r\n")
+                self.transport.pauseProducing()
+
+            def connectionLost(self, reason):
+                self.done.callback(None)
+
+        client = Sleeper()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        await_deferred(connectProtocol(endpoint, client))
+        wait_until(lambda: "stalled" in outcome, timeout=60, what=f"a stall {outcome}")
+        client.transport.resumeProducing()  # to see that the server hung up
+        await_deferred(client.done, timeout=60)
+        self.assertIn("read nothing", outcome["stalled"])
+        self.assertTrue(outcome["paused"])
+        # What it sent fits the socket buffers: it stopped, it did not queue.
+        self.assertLess(outcome["sent"], 1000, outcome)
+        wait_until(lambda: service.inflight == 0, what="the handler ended")
