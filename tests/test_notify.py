@@ -179,6 +179,15 @@ class WaitTests(NotifyTestCase):
             self.notify("c", "after")
             self.assertEqual(notes.get(timeout=30).payload, "after")
 
+    def test_one_waiter_per_subscription(self):
+        with listen(self.engine, "c") as notes:
+            d = run_in_fiber(notes.get)
+            wait_until(lambda: notes.waiting, what="the first fiber parked")
+            e = self.assertRaises(RuntimeError, notes.get, timeout=1)
+            self.assertIn("its own", str(e))
+            self.notify("c", "for the first")
+            self.assertEqual(await_deferred(d).payload, "for the first")
+
     def test_close_ends_iteration(self):
         notes = listen(self.engine, "c")
         d = run_in_fiber(lambda: [n.payload for n in notes])

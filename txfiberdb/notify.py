@@ -198,6 +198,11 @@ class Subscription:
         """Notes queued, not yet taken."""
         return len(self._queue)
 
+    @property
+    def waiting(self) -> bool:
+        """Whether a fiber is parked in :meth:`get` now."""
+        return self._waiter is not None
+
     def get(self, timeout: Optional[float] = None) -> Note:
         """
         The next note, parking the fiber until there is one.
@@ -205,11 +210,17 @@ class Subscription:
         :raise WaitTimeout: none came within ``timeout`` seconds.
         :raise ListenerClosed: the subscription or its listener is closed.
         :raise CancelledError: the fiber was cancelled while it waited.
+        :raise RuntimeError: another fiber waits on this subscription.
         """
         if self._queue:
             return self._queue.pop(0)
         if self.closed:
             raise ListenerClosed(self._why)
+        if self._waiter is not None:
+            raise RuntimeError(
+                "another fiber is already waiting on this subscription: give "
+                "each fiber its own (txfiberdb.listen() in each)"
+            )
         d: Deferred[Note] = Deferred(self._forget_waiter)
         self._waiter = d
         return await_deferred(d, timeout=timeout)
