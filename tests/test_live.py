@@ -317,6 +317,14 @@ class PageTests(LiveTestCase):
         self.assertIn(b"default-src 'none'", r.header("content-security-policy"))
         self.assertEqual(self.http.get("/").header("content-type")[:9], b"text/html")
 
+    def test_listener_metrics(self):
+        stream = self.open_stream()
+        stream.next_of("snapshot")
+        body = self.http.get("/metrics").body.decode()
+        self.assertIn("txfiberdb_listener_connected 1\n", body)
+        self.assertIn("txfiberdb_listener_subscribers 1\n", body)
+        self.assertIn("txfiberdb_listener_notifications_total ", body)
+
     def test_stats(self):
         body = self.http.get("/stats").json
         self.assertEqual(set(body), {"pool", "fibers", "listener", "inflight"})
