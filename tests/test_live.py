@@ -238,6 +238,24 @@ class EventsTests(LiveTestCase):
         self.assertIn(product["id"], [p["id"] for p in data["products"]])
         self.assertEqual(len(reads), 2)
 
+    def test_listener_lost_resyncs_with_a_snapshot(self):
+        product = self.new_product(stock=9)
+        stream = self.open_stream()
+        first = stream.next_of("snapshot")
+        (pid,) = self.admin(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
+            "AND query LIKE 'LISTEN%%'",
+            (self.app_name,),
+        )[0]
+        self.admin("SELECT pg_terminate_backend(%s)", (pid,))
+        again = stream.next()
+        self.assertEqual(again["event"], "snapshot")
+        self.assertNotEqual(again["id"].split("-")[0], first["id"].split("-")[0])
+        self.order(product["id"], 2)
+        stock = json.loads(stream.next_of("stock")["data"])
+        self.assertEqual((stock["id"], stock["stock"]), (product["id"], 7))
+        self.assertEqual(listener_stats(self.shop.db)["reconnects"], 1)
+
     def test_client_leaving_ends_its_fiber(self):
         streams = [self.open_stream() for _ in range(5)]
         for s in streams:
