@@ -10,7 +10,14 @@ Routes (JSON in and out; prices are integer cents, also given as a decimal
 string in ``price``/``total``):
 
 ======  ===============================  =====================================
-GET     /                                this list
+GET     /                                the live page (HTML); with
+                                         ``Accept: application/json``, the
+                                         route list
+GET     /routes                          the route list (JSON)
+GET     /events                          Server-Sent Events: stock changes
+                                         and new orders as they commit
+                                         (klein_demo.live)
+GET     /stats                           pool, fiber and listener figures
 GET     /products                        ``limit``, ``offset``, ``q`` (name
                                          contains), ``min_price_cents``,
                                          ``max_price_cents``, ``in_stock``,
@@ -59,6 +66,14 @@ from twisted.web import server
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RequestRedirect
 
+from klein_demo.live import (
+    add_live_routes,
+    announce_deleted,
+    announce_order,
+    announce_stock,
+    live_page,
+    wants_json,
+)
 from klein_demo.metrics import CONTENT_TYPE, Metrics
 from klein_demo.models import Customer, Order, OrderLine, Product
 from klein_demo.validation import (
@@ -192,6 +207,8 @@ def make_app(
     metrics: Optional[Metrics] = None,
     probe: Optional[ReadinessProbe] = None,
     slow_route_concurrency: int = 5,
+    heartbeat: float = 15.0,
+    max_streams: int = 10_000,
 ) -> Klein:
     """
     The shop's Klein app, serving from ``db``'s fibers and pool.
@@ -201,6 +218,8 @@ def make_app(
     :param slow_route_concurrency: how many ``/test`` requests (which hold a
         connection for up to 10 s) may run at once, so that they cannot
         starve the rest of the shop of connections.
+    :param heartbeat: seconds between keep-alive comments on ``/events``.
+    :param max_streams: ``/events`` streams open at once (more get a 503).
     """
     app = Klein()
     metrics = metrics if metrics is not None else Metrics()
@@ -272,6 +291,7 @@ def make_app(
         product = Product(**values)
         session.add(product)
         session.flush()
+        announce_stock(session, [product])
         created(request, f"/products/{product.id}")
         return product_json(product)
 
@@ -285,6 +305,7 @@ def make_app(
         for name, value in values.items():
             setattr(product, name, value)
         session.flush()
+        announce_stock(session, [product])
         return product_json(product)
 
     @routes.route("/products/<int:product_id>", methods=["PUT"])
@@ -304,6 +325,7 @@ def make_app(
                 f"set its stock to 0 instead"
             )
         session.delete(product)
+        announce_deleted(session, product_id)
         request.setResponseCode(204)
         return None
 
@@ -459,6 +481,9 @@ def make_app(
             order.total_cents += qty * product.price_cents
         session.add(order)
         session.flush()
+        # Announced at COMMIT, in commit order; a rollback announces nothing.
+        announce_stock(session, list(products.values()))
+        announce_order(session, order)
         created(request, f"/orders/{order.id}")
         return order_json(order)
 
@@ -545,8 +570,18 @@ def make_app(
         metrics.observe("metrics", 200, _now() - started)
         return body.encode("utf-8")
 
+    add_live_routes(app, routes, db, heartbeat=heartbeat, max_streams=max_streams)
+
     @app.route("/", methods=["GET"])
     def index(request: Any) -> Any:
+        # A person gets the live page; an API client asking for JSON the
+        # route list (also at /routes).
+        if not wants_json(request):
+            return live_page(request)
+        return route_list(request)
+
+    @app.route("/routes", methods=["GET"])
+    def route_list(request: Any) -> Any:
         request.setHeader(b"content-type", b"application/json")
         rules = sorted(
             (rule.rule, sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}))

@@ -12,13 +12,47 @@ import time
 from collections import defaultdict
 from typing import Any, Optional
 
-from txfiberdb import pool_stats
+from txfiberdb import listener_stats, pool_stats
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# listener_stats key -> (metric name, type, help)
+_LISTENER_METRICS = [
+    (
+        "connected",
+        "txfiberdb_listener_connected",
+        "gauge",
+        "Whether the LISTEN connection is up (1) or not (0).",
+    ),
+    (
+        "subscribers",
+        "txfiberdb_listener_subscribers",
+        "gauge",
+        "Subscriptions open (the demo: /events streams).",
+    ),
+    (
+        "received",
+        "txfiberdb_listener_notifications_total",
+        "counter",
+        "Notifications received by the listener.",
+    ),
+    (
+        "reconnects",
+        "txfiberdb_listener_reconnects_total",
+        "counter",
+        "Times the LISTEN connection was lost and opened again.",
+    ),
+    (
+        "overflows",
+        "txfiberdb_listener_overflows",
+        "gauge",
+        "Queue overflows of the open subscriptions (slow subscribers).",
+    ),
+]
 
 # pool_stats key -> (metric name, type, help)
 _POOL_METRICS = [
@@ -164,6 +198,10 @@ class Metrics:
                     continue
                 head(metric, kind, help_)
                 out.append(f"{metric} {_num(value)}")
+            live = listener_stats(engine)
+            for key, metric, kind, help_ in _LISTENER_METRICS:
+                head(metric, kind, help_)
+                out.append(f"{metric} {_num(int(live[key]))}")
         head(
             "klein_demo_start_time_seconds",
             "gauge",

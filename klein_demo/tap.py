@@ -252,6 +252,7 @@ class ShopService(MultiService):
         exit_on_failure: bool = False,
         slow_route_concurrency: Optional[int] = None,
         log_sql_parameters: bool = False,
+        heartbeat: float = 15.0,
     ) -> None:
         super().__init__()
         self.url = url
@@ -279,6 +280,7 @@ class ShopService(MultiService):
             self.metrics,
             probe=self.probe,
             slow_route_concurrency=slow_route_concurrency,
+            heartbeat=heartbeat,
         )
         self.site = make_site(self.app)
         self.postgres: Any = None

@@ -615,9 +615,19 @@ class OperationsTests(ShopTestCase):
         )
 
     def test_index(self):
-        routes = self.http.get("/").json["routes"]
-        self.assertIn("POST /orders", routes)
-        self.assertIn("GET /customers/<int:customer_id>/orders", routes)
+        # API clients: the route list at /routes, or at / when asking for
+        # JSON; a browser gets the live page there (tests.test_live).
+        for path, headers in [
+            ("/routes", {}),
+            ("/", {b"accept": [b"application/json"]}),
+        ]:
+            r = self.http.get(path, headers=headers)
+            self.assertEqual(r.header("content-type"), b"application/json")
+            routes = r.json["routes"]
+            self.assertIn("POST /orders", routes)
+            self.assertIn("GET /customers/<int:customer_id>/orders", routes)
+            self.assertIn("GET /events", routes)
+        self.assertEqual(self.http.get("/").header("content-type")[:9], b"text/html")
 
     def test_unknown_route_and_method_are_json(self):
         r = self.http.get("/nope")

@@ -17,6 +17,14 @@ from txfiberdb.fiber import (
     sleep,
 )
 from txfiberdb.fiber import stats as fiber_stats
+from txfiberdb.notify import (
+    ListenerClosed,
+    Missed,
+    Notification,
+    Subscription,
+    listen,
+    listener_stats,
+)
 from txfiberdb.orm import fiber_scope, fiber_scoped_session
 from txfiberdb.pool import FiberQueuePool, pool_stats
 
@@ -24,7 +32,11 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "FiberQueuePool",
+    "ListenerClosed",
+    "Missed",
     "NotInFiberError",
+    "Notification",
+    "Subscription",
     "WaitTimeout",
     "await_deferred",
     "current_fiber",
@@ -33,6 +45,8 @@ __all__ = [
     "fiber_stats",
     "fibered",
     "in_fiber",
+    "listen",
+    "listener_stats",
     "on_fiber_exit",
     "pool_stats",
     "run_in_fiber",

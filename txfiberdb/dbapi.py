@@ -387,6 +387,10 @@ class _Wire(txpostgres.Connection):
         self.fiber: Any = None  # the fiber parked on it
         self.outcome: Any = None  # its outcome, when nobody was parked
         self.lost: Optional[str] = None
+        # Called with the reason when the reactor sees the server end the
+        # connection while it is idle and watched (NOTIFY observers): a
+        # LISTEN connection learns at once that it must reconnect.
+        self.lost_observers: list[Callable[[str], Any]] = []
         self.watching = False  # the socket is registered with the reactor
         self.linger = False  # autocommit: stay watched between statements
         self._fd = -1
@@ -589,10 +593,20 @@ class _Wire(txpostgres.Connection):
                 reason=self.lost.splitlines()[0],
             )
             self._forget()
+            self._report_lost()
             return
         if self._connection.closed:
             self.lost = "the server closed the connection"
             self._forget()
+            self._report_lost()
+
+    def _report_lost(self) -> None:
+        observers, self.lost_observers = self.lost_observers, []
+        for observer in observers:
+            try:
+                observer(self.lost or "connection lost")
+            except Exception:
+                _log.failure("lost-connection observer {o!r} failed", o=observer)
 
     def doRead(self) -> None:
         if self._pollingD is not None:  # connecting
@@ -1361,6 +1375,16 @@ class Connection:
         """
         self._wire.addNotifyObserver(observer)
         self._wire.watch()
+
+    def add_lost_observer(self, observer: Callable[[str], Any]) -> None:
+        """
+        Call ``observer(reason)`` once, on the reactor's greenlet, when the
+        server ends this connection while it is idle and watched (while it
+        has NOTIFY observers), e.g. a killed backend or a server restart.
+        A query that fails on a lost connection raises as usual instead.
+        For a LISTEN connection, which must reconnect at once.
+        """
+        self._wire.lost_observers.append(observer)
 
     def remove_notify_observer(self, observer: Callable[[Any], Any]) -> None:
         self._wire.removeNotifyObserver(observer)

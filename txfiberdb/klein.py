@@ -45,6 +45,10 @@ parameters; repeats of the same kind on the same route within
 that kind (``... (37 more like it in the last 10 s)``), so an outage does not
 flood the log.
 
+A long-lived answer (Server-Sent Events) is written from the fiber as it
+goes: :class:`EventStream` (see there); the handler returns when the stream
+is over, or is cancelled when the client leaves.
+
 A route can bound its share of the pool: ``@routes.route(url,
 concurrency=5)`` lets at most 5 requests of that route run at once; the
 others wait up to ``concurrency_timeout`` seconds for a turn, holding no
@@ -63,6 +67,7 @@ import datetime
 import decimal
 import functools
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -71,9 +76,11 @@ from typing import Any, Optional
 
 from sqlalchemy import exc as sa_exc
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from zope.interface import implementer
 
 from txfiberdb.fiber import WaitTimeout, await_deferred
 from txfiberdb.fiber import shield as shield_block
@@ -81,7 +88,9 @@ from txfiberdb.service import EngineService, ServiceStopping
 
 __all__ = [
     "BadRequest",
+    "ClientStalled",
     "Conflict",
+    "EventStream",
     "FiberRoutes",
     "HTTPError",
     "LogSummary",
@@ -561,3 +570,261 @@ class FiberRoutes:
             uri=request.uri.decode("ascii", "replace"),
         )
         return 500, {"error": "internal server error", "error_id": error_id}
+
+
+class ClientStalled(Exception):
+    """
+    An :class:`EventStream`'s client read nothing for ``stall_timeout``
+    seconds while events waited to be sent: the stream was dropped.
+    """
+
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+@implementer(IPushProducer)
+class EventStream:
+    """
+    A Server-Sent Events (``text/event-stream``) answer, written from a
+    fiber as events come, in a FiberRoutes handler (``session=False``: hold
+    no connection while parked)::
+
+        @routes.route("/events", session=False)
+        def events(request):
+            with listen(db, "news") as notes, EventStream(request) as stream:
+                for note in notes:
+                    stream.send(note.payload, event=note.channel)
+
+    The handler runs until the client leaves (Klein cancels its fiber:
+    ``CancelledError`` at its wait, the ``with`` blocks end cleanly) or it
+    returns.  :attr:`last_event_id` is the browser's ``Last-Event-ID`` on a
+    reconnection (``None`` on a first connection).
+
+    Back-pressure: the stream is the request's push producer.  When the
+    client reads slower than events come, :meth:`send` parks the fiber
+    until the transport's buffer drains (events then wait where the
+    producer keeps them, e.g. a subscription's bounded queue), and after
+    ``stall_timeout`` seconds drops the connection and raises
+    :exc:`ClientStalled`.  A server's memory cannot be held by a client
+    that stopped reading.
+
+    Heartbeat: every ``heartbeat`` seconds (15) a comment line goes to each
+    open stream, so that proxies and load balancers do not close an idle
+    one.  One timer per process serves all the streams (not a timer per
+    stream re-armed at each event); it runs only while streams are open.
+
+    :param retry: milliseconds the browser waits before reconnecting (sent
+        as ``retry:``); the browser's default (about 3 s) when ``None``.
+    """
+
+    #: The longest ``Last-Event-ID`` taken (longer ones are ignored).
+    MAX_ID_LENGTH = 256
+
+    __slots__ = (
+        "request",
+        "heartbeat",
+        "stall_timeout",
+        "paused",
+        "closed",
+        "sent",
+        "last_event_id",
+        "_resumed",
+    )
+
+    def __init__(
+        self,
+        request: Any,
+        retry: Optional[int] = None,
+        heartbeat: Optional[float] = 15.0,
+        stall_timeout: float = 60.0,
+    ) -> None:
+        if retry is not None and (not isinstance(retry, int) or retry < 0):
+            raise ValueError(f"retry must be a non-negative int, not {retry!r}")
+        if heartbeat is not None and heartbeat <= 0:
+            raise ValueError("heartbeat must be positive (or None for none)")
+        self.request = request
+        self.heartbeat = heartbeat
+        self.stall_timeout = stall_timeout
+        self.paused = False
+        self.closed = False
+        self.sent = 0
+        self._resumed: Optional[Deferred[None]] = None
+        self.last_event_id = self.last_event_id_of(request)
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-cache, no-store")
+        request.setHeader(b"x-accel-buffering", b"no")  # nginx: do not buffer
+        request.registerProducer(self, True)
+        # Sends the headers now: the browser's EventSource opens.
+        opening = f"retry: {retry}\n\n" if retry is not None else ": open\n\n"
+        request.write(opening.encode("ascii"))
+        if heartbeat is not None:
+            _Heartbeat.join(self, heartbeat)
+
+    @classmethod
+    def last_event_id_of(cls, request: Any) -> Optional[str]:
+        """
+        The request's ``Last-Event-ID`` (``None`` if absent, not UTF-8, too
+        long or holding a NUL: such a value cannot be one we sent).
+        """
+        raw = request.getHeader(b"last-event-id")
+        if not raw or len(raw) > cls.MAX_ID_LENGTH:
+            return None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        return None if "\x00" in text else text
+
+    # -- writing -----------------------------------------------------------
+
+    @staticmethod
+    def frame(
+        data: str, event: Optional[str] = None, id: Optional[str] = None
+    ) -> bytes:
+        """
+        One event in the wire format: ``event:`` and ``id:`` lines, then one
+        ``data:`` line per line of ``data``, then a blank line.
+
+        :raise ValueError: ``event`` or ``id`` holds a line break (or ``id``
+            a NUL), which would break the framing.
+        """
+        lines = []
+        if event is not None:
+            if _LINE_BREAK.search(event):
+                raise ValueError("an SSE event name must not contain line breaks")
+            lines.append(f"event: {event}")
+        if id is not None:
+            if _LINE_BREAK.search(id) or "\x00" in id:
+                raise ValueError("an SSE id must not contain line breaks or NUL")
+            lines.append(f"id: {id}")
+        lines.extend(f"data: {line}" for line in _LINE_BREAK.split(data))
+        return ("\n".join(lines) + "\n\n").encode("utf-8")
+
+    def send(
+        self, data: str, event: Optional[str] = None, id: Optional[str] = None
+    ) -> None:
+        """Send one event (see :meth:`frame`); parks while the client lags."""
+        self._write(self.frame(data, event, id))
+
+    def comment(self, text: str = "") -> None:
+        """A comment line (``: text``): a heartbeat that keeps proxies open."""
+        body = "".join(f": {line}\n" for line in _LINE_BREAK.split(text))
+        self._write((body + "\n").encode("utf-8"))
+
+    def beat(self) -> None:
+        """
+        Write a heartbeat comment now, unless the client lags (then it has
+        data to read anyway).  Never waits: the shared timer calls it.
+        """
+        if not self.closed and not self.paused:
+            self.request.write(b": keep-alive\n\n")
+
+    def _write(self, chunk: bytes) -> None:
+        if self.closed:
+            raise ClientStalled("the event stream is closed")
+        if self.paused:
+            d: Deferred[None] = Deferred()
+            self._resumed = d
+            try:
+                await_deferred(d, timeout=self.stall_timeout)
+            except WaitTimeout:
+                self._resumed = None
+                _log.info(
+                    "event stream client read nothing for {s} s: dropped",
+                    s=self.stall_timeout,
+                )
+                self.close()
+                transport = getattr(self.request, "transport", None)
+                if transport is not None:
+                    transport.abortConnection()
+                raise ClientStalled(
+                    f"client read nothing for {self.stall_timeout:g} s"
+                ) from None
+        self.sent += 1
+        self.request.write(chunk)
+
+    # -- IPushProducer: the transport tells us when its buffer is full ------
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        d, self._resumed = self._resumed, None
+        if d is not None and not d.called:
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        # The connection is going away; the handler is cancelled by Klein.
+        self.paused = True
+
+    # -- life cycle ----------------------------------------------------------
+
+    def close(self) -> None:
+        """Unregister from the request (before it finishes).  Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.heartbeat is not None:
+            _Heartbeat.leave(self, self.heartbeat)
+        request = self.request
+        if getattr(request, "producer", None) is self:
+            if request.channel is not None:
+                request.unregisterProducer()
+            else:  # the connection is gone already
+                request.producer = None
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _Heartbeat:
+    """One timer per heartbeat interval for all the open event streams."""
+
+    tickers: dict[float, _Heartbeat] = {}
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.streams: set[EventStream] = set()
+        self.call: Any = None
+
+    @classmethod
+    def join(cls, stream: EventStream, interval: float) -> None:
+        ticker = cls.tickers.get(interval)
+        if ticker is None:
+            ticker = cls.tickers[interval] = cls(interval)
+        ticker.streams.add(stream)
+        if ticker.call is None:
+            ticker.schedule()
+
+    @classmethod
+    def leave(cls, stream: EventStream, interval: float) -> None:
+        ticker = cls.tickers.get(interval)
+        if ticker is None:
+            return
+        ticker.streams.discard(stream)
+        if not ticker.streams:
+            del cls.tickers[interval]
+            if ticker.call is not None and ticker.call.active():
+                ticker.call.cancel()
+            ticker.call = None
+
+    def schedule(self) -> None:
+        from twisted.internet import reactor as _reactor
+
+        reactor: Any = _reactor
+        self.call = reactor.callLater(self.interval, self.tick)
+
+    def tick(self) -> None:
+        self.call = None
+        for stream in list(self.streams):
+            try:
+                stream.beat()
+            except Exception:
+                _log.failure("event stream heartbeat failed")
+        if self.streams and _Heartbeat.tickers.get(self.interval) is self:
+            self.schedule()

@@ -35,6 +35,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from txfiberdb.fiber import on_fiber_exit, run_in_fiber
+from txfiberdb.notify import close_listener
 
 __all__ = ["EngineService", "ServiceStopping"]
 
@@ -206,6 +207,10 @@ class EngineService(Service):
             return self._stopping
         super().stopService()
         self.accepting = False
+        if self.engine is not None:
+            # Fibers parked on notifications would wait for ever: end them
+            # now, so that they do not hold up the drain.
+            close_listener(self.engine)
         reactor = _reactor()
         timers: list[Any] = []
         if self._inflight:
