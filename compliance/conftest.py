@@ -18,7 +18,7 @@ fiber still holds when that fiber ends.
 So the *whole pytest session* runs in one fiber: :func:`pytest_cmdline_main`
 (``tryfirst``) re-enters the hook inside a fiber and, on the main greenlet
 (the hub), turns the reactor with ``reactor.iterate()`` until the session is
-over.  Every hook, fixture and test then runs in that fiber, exactly in the
+over (:func:`txfiberdb.run_blocking`).  Every hook, fixture and test then runs in that fiber, exactly in the
 order pytest would run them anyway, and each query parks the fiber while the
 main greenlet drives the reactor.  With psycopg2 the same fiber simply blocks.
 
@@ -37,7 +37,6 @@ from __future__ import annotations
 import os
 import sys
 
-import greenlet
 import pytest
 from sqlalchemy.dialects import registry
 
@@ -49,45 +48,19 @@ pytest.register_assert_rewrite("sqlalchemy.testing.assertions")
 import provision  # noqa: E402,F401  (PostgreSQL provisioning for any driver)
 from sqlalchemy.testing.plugin.pytestplugin import *  # noqa: E402,F401,F403
 from twisted.internet import reactor  # noqa: E402
-from twisted.python.failure import Failure  # noqa: E402
 
+import txfiberdb  # noqa: E402
 from txfiberdb import fiber  # noqa: E402
-
-#: Longest single wait of the hub in the reactor's poller (seconds).
-_MAX_POLL = 0.05
-
 
 def run_blocking(fn, *args, **kwargs):
     """
-    Call ``fn(*args, **kwargs)`` in a fiber and turn the reactor on the
-    current (hub) greenlet until it returns; return its result or raise its
-    exception with its own traceback.  Already in a fiber: just call it.
+    Call ``fn(*args, **kwargs)`` in a fiber (txfiberdb's public
+    :func:`~txfiberdb.run_blocking`, which turns the reactor on this greenlet
+    until it returns); already in the session fiber: just call it.
     """
     if fiber.in_fiber():
         return fn(*args, **kwargs)
-    fiber.set_hub(greenlet.getcurrent())
-    outcome = {}
-
-    def body():
-        try:
-            outcome["result"] = fn(*args, **kwargs)
-        except BaseException as e:  # pytest's outcomes are BaseExceptions
-            outcome["error"] = e
-
-    done = []
-    fiber.run_in_fiber(body).addBoth(done.append)
-    while not done:
-        timeout = reactor.timeout()
-        reactor.iterate(_MAX_POLL if timeout is None else min(timeout, _MAX_POLL))
-    if "error" in outcome:
-        error = outcome.pop("error")
-        try:
-            raise error
-        finally:
-            del error
-    if isinstance(done[0], Failure):
-        done[0].raiseException()  # the harness itself failed
-    return outcome.get("result")
+    return txfiberdb.run_blocking(fn, *args, **kwargs)
 
 
 class _FiberAsyncUtil:

@@ -24,6 +24,7 @@ class ExportTests(SynchronousTestCase):
                 "in_fiber",
                 "on_fiber_exit",
                 "pool_stats",
+                "run_blocking",
                 "run_in_fiber",
                 "shield",
                 "sleep",
