@@ -18,7 +18,15 @@ setup(
     # package so that `twistd --help` lists klein-demo after installation.
     packages=find_packages(include=["txfiberdb", "txfiberdb.*", "klein_demo", "klein_demo.*"])
     + ["twisted.plugins"],
-    package_data={"txfiberdb": ["py.typed"], "twisted": ["plugins/*.py"]},
+    package_data={
+        "txfiberdb": ["py.typed", "alembic_templates/txfiberdb/*"],
+        "klein_demo": [
+            "migrations/alembic.ini",
+            "migrations/script.py.mako",
+            "migrations/versions/*.py",
+        ],
+        "twisted": ["plugins/*.py"],
+    },
     install_requires=[
         # 25.5: trial's coroutine _deferSetUp/_run(func, ...), which
         # txfiberdb.testing.FiberTestCase hooks to run a test in one fiber
@@ -36,9 +44,12 @@ setup(
             "pgserver>=0.1.4",
             "treq>=22.1",
             "klein>=23.5",
-            "alembic>=1.12",
+            "alembic>=1.16",
         ],
-        "demo": ["klein>=23.5", "pgserver>=0.1.4"],
+        "demo": ["klein>=23.5", "pgserver>=0.1.4", "alembic>=1.16"],
+        # txfiberdb.migrations: Alembic's Config.get_template_directory and
+        # the alembic.ini of its 1.16 templates (path_separator).
+        "migrations": ["alembic>=1.16"],
         "bench": ["asyncpg>=0.29"],
         "lint": ["ruff", "mypy"],
     },

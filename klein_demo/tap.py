@@ -44,7 +44,7 @@ from twisted.python import usage
 
 from klein_demo.app import make_app, make_site
 from klein_demo.metrics import Metrics
-from klein_demo.models import create_schema, load_sample_data
+from klein_demo.models import load_sample_data
 from txfiberdb.service import EngineService
 
 __all__ = ["Options", "ShopService", "makeService", "to_url"]
@@ -129,6 +129,12 @@ class Options(usage.Options):
             "Load sample data into an empty shop (always done with the "
             "throwaway server).",
         ],
+        [
+            "no-migrate",
+            None,
+            "Do not bring the schema to the latest migration at start (run "
+            "alembic yourself: see klein_demo/migrations/alembic.ini).",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -197,8 +203,10 @@ class ShopService(MultiService):
         sample_data: Optional[bool] = None,
         reactor: Any = None,
         exit_on_failure: bool = False,
+        migrate: bool = True,
     ) -> None:
         super().__init__()
+        self.migrate = migrate
         self.url = url
         self.listen = listen
         self.sample_data = (url is None) if sample_data is None else sample_data
@@ -259,10 +267,25 @@ class ShopService(MultiService):
         d.addCallbacks(self._serving, self._failed_to_start)
 
     def _prepare(self) -> None:
-        """In a fiber: the schema, and the sample data into an empty shop."""
+        """
+        In a fiber: the schema brought to the latest migration (unless
+        ``--no-migrate``; always on the throwaway server, which starts
+        empty), and the sample data into an empty shop.
+        """
         engine = self.db.engine
         assert engine is not None and self.db.sessionmaker is not None
-        create_schema(engine)
+        if self.migrate or self.postgres is not None:
+            from klein_demo import migrations
+
+            with engine.begin() as connection:
+                before = migrations.current_revision(connection)
+                migrations.upgrade(connection)
+                after = migrations.current_revision(connection)
+            log.info(
+                "schema at revision {after} (was {before})",
+                after=after,
+                before=before or "empty",
+            )
         if self.sample_data:
             with self.db.sessionmaker.begin() as session:
                 if load_sample_data(session):
@@ -339,4 +362,5 @@ def makeService(options: Options) -> Service:
         echo=bool(options["echo"]),
         sample_data=True if options["sample-data"] else None,
         exit_on_failure=True,
+        migrate=not options["no-migrate"],
     )
