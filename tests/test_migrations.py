@@ -4,6 +4,8 @@ env.py recipe and its template), the shop's migrations (klein_demo.migrations)
 run in fibers and from the alembic command line, against the test server.
 """
 
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -19,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from klein_demo import migrations as shop_migrations
 from klein_demo.models import Base
-from txfiberdb import in_fiber, run_blocking
+from txfiberdb import await_deferred, in_fiber, run_blocking
 from txfiberdb.migrations import TEMPLATE_DIRECTORY, init, run_online
 from txfiberdb.testing import create_database, drop_database, dsn_to_url
 
@@ -271,8 +273,13 @@ class TemplateTests(SynchronousTestCase):
         """What broke with reactor.run() in env.py: ReactorNotRestartable."""
         from alembic.config import Config
 
-        config = Config(self.ini)
-        command.revision(config, message="shop", autogenerate=True)
+        # Built in code, as a program does: no file, so env.py leaves this
+        # process's logging alone (fileConfig is only for alembic.ini).
+        config = Config(stdout=io.StringIO())
+        config.set_main_option("script_location", os.path.join(self.work, "migrations"))
+        config.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        with contextlib.redirect_stdout(io.StringIO()):
+            command.revision(config, message="shop", autogenerate=True)
         command.upgrade(config, "head")
         command.check(config)
         command.downgrade(config, "base")
@@ -297,7 +304,8 @@ class TemplateTests(SynchronousTestCase):
 
     def test_init_function(self):
         target = os.path.join(self.work, "other")
-        init(target, config_file=os.path.join(self.work, "other.ini"))
+        with contextlib.redirect_stdout(io.StringIO()):
+            init(target, config_file=os.path.join(self.work, "other.ini"))
         self.assertTrue(os.path.exists(os.path.join(target, "env.py")))
         self.assertTrue(os.path.exists(os.path.join(self.work, "other.ini")))
 
@@ -324,3 +332,43 @@ class DocTests(SynchronousTestCase):
                 any(" ".join(block.split()) in text for text in words),
                 f"not in a tested file:\n{block}",
             )
+
+
+class ShopStartTests(DatabaseTestCase):
+    """``twistd klein-demo``'s start-up: migrations in the start-up fiber."""
+
+    def setUp(self):
+        self.engine = create_engine(self.url)
+        self.addCleanup(self.engine.dispose)
+        ShopMigrationsInFiberTests.reset(self)
+        self.addCleanup(ShopMigrationsInFiberTests.reset, self)
+
+    def start(self, **kwargs):
+        from klein_demo.tap import ShopService
+
+        shop = ShopService(url=self.url, listen="tcp:0:interface=127.0.0.1", **kwargs)
+        shop.startService()
+        self.addCleanup(lambda: shop.running and await_deferred(shop.stopService()))
+        await_deferred(shop.listening)
+        return shop
+
+    def test_start_migrates_to_head(self):
+        self.start(sample_data=True)
+        with self.engine.connect() as conn:
+            self.assertEqual(shop_migrations.current_revision(conn), head())
+            self.assertEqual(conn.scalar(text("select count(*) from products")), 20)
+
+    def test_no_migrate(self):
+        self.start(migrate=False, sample_data=False)
+        with self.engine.connect() as conn:
+            self.assertEqual(set(inspect(conn).get_table_names()), set())
+
+    def test_option(self):
+        from klein_demo.tap import Options, makeService
+
+        options = Options()
+        options.parseOptions(["--dsn", self.url, "--no-migrate"])
+        self.assertFalse(makeService(options).migrate)
+        options = Options()
+        options.parseOptions(["--dsn", self.url])
+        self.assertTrue(makeService(options).migrate)
