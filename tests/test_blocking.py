@@ -284,3 +284,39 @@ print("still sleeping:", txfiberdb.run_blocking(busy))
         self.assertEqual(proc.returncode, 0, err)
         self.assertEqual(out, "interrupted\nstill sleeping: 0\n")
         self.assertEqual(err, "")
+
+    def test_ctrl_c_in_python_code(self):
+        """Ctrl-C while the fiber computes: KeyboardInterrupt raised in it."""
+        source = """\
+import txfiberdb
+def spin():
+    txfiberdb.sleep(0)
+    print("spinning", flush=True)
+    try:
+        while True:
+            pass
+    finally:
+        print("finally ran", flush=True)
+try:
+    txfiberdb.run_blocking(spin)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+print(txfiberdb.run_blocking(lambda: "next call works"))
+"""
+        proc = subprocess.Popen(
+            [sys.executable, "-c", source],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        try:
+            self.assertEqual(proc.stdout.readline(), "spinning\n")
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.assertEqual((proc.returncode, err), (0, ""))
+        self.assertEqual(out, "finally ran\ninterrupted\nnext call works\n")

@@ -59,7 +59,8 @@ def run_blocking(f: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
     Ctrl-C while ``f`` waits cancels ``f`` where it waits (a running query
     is cancelled on the server and its transaction rolled back), lets it
     finish its clean-up, then raises :exc:`KeyboardInterrupt`; a second
-    Ctrl-C interrupts at once.
+    Ctrl-C interrupts at once.  While ``f`` runs Python code, Ctrl-C raises
+    :exc:`KeyboardInterrupt` in ``f`` as usual.
 
     Delayed calls that are not due yet when ``f`` returns (a pool's timer,
     say) stay scheduled: they run during the next call, or once the program
@@ -71,6 +72,11 @@ def run_blocking(f: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         another thread: use ``blockingCallFromThread(reactor, run_in_fiber,
         f)``).
     """
+    return _block_on(_blocking_greenlet(), f, args, kwargs)
+
+
+def _blocking_greenlet() -> greenlet.greenlet:
+    """The calling greenlet, if it may turn the reactor; else a clear error."""
     current = greenlet.getcurrent()
     if isinstance(current, _Fiber):
         raise RuntimeError(
@@ -93,30 +99,52 @@ def run_blocking(f: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
             "return its Deferred (trial: use txfiberdb.testing.FiberTestCase; "
             "pytest: mark the test with @pytest.mark.fiber)"
         )
+    return current
+
+
+class _Interrupts:
+    """Ctrl-C requests made while the hub turns the reactor."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.cancelled = False
+
+
+def _block_on(
+    hub: greenlet.greenlet,
+    f: Callable[..., _T],
+    args: Any,
+    kwargs: Any,
+    on_interrupt: Optional[Callable[[_Fiber], None]] = None,
+) -> _T:
+    """
+    Run ``f`` in a fiber and turn the reactor on ``hub`` (the caller) until
+    the fiber is over.  Ctrl-C while the fiber waits: by default, cancel the
+    fiber once and raise :exc:`KeyboardInterrupt` when it is over; with
+    ``on_interrupt``, call it with the fiber each time instead (the shell:
+    cancel the statement's wait, go on).
+    """
+    reactor = _reactor()
     previous_hub = _hub.greenlet
-    _hub.greenlet = current
-    try:
-        return _drive(reactor, f, args, kwargs)
-    finally:
-        _hub.greenlet = previous_hub
-
-
-def _drive(reactor: Any, f: Callable[..., _T], args: Any, kwargs: Any) -> _T:
+    _hub.greenlet = hub
     outcome: list[Any] = []
-    d = run_in_fiber(f, *args, **kwargs)
-    fib: _Fiber = d._txfiber  # type: ignore[attr-defined]
-    d.addBoth(outcome.append)
-    interrupted: list[bool] = []
-    restore = _catch_sigint(reactor, interrupted)
+    interrupts = _Interrupts()
+    restore = _catch_sigint(reactor, hub, interrupts, on_interrupt is None)
     try:
-        cancelled = False
+        d = run_in_fiber(f, *args, **kwargs)
+        fib: _Fiber = d._txfiber  # type: ignore[attr-defined]
+        d.addBoth(outcome.append)
         # Until the fiber is over: a cancelled fiber's Deferred fires at
         # once, but its clean-up (the query cancelled, the rollback) is
         # still to come.
         while not fib.dead:
-            if interrupted and not cancelled:
-                cancelled = True
-                d.cancel()
+            if interrupts.pending:
+                interrupts.pending = False
+                if on_interrupt is not None:
+                    on_interrupt(fib)
+                elif not interrupts.cancelled:
+                    interrupts.cancelled = True
+                    d.cancel()
                 continue
             _turn(reactor)
         for _ in range(_SETTLE_TURNS):
@@ -125,8 +153,9 @@ def _drive(reactor: Any, f: Callable[..., _T], args: Any, kwargs: Any) -> _T:
             reactor.iterate(0)
     finally:
         restore()
+        _hub.greenlet = previous_hub
     result = outcome[0]
-    if interrupted:
+    if interrupts.cancelled:
         if isinstance(result, Failure) and not result.check(CancelledError):
             raise KeyboardInterrupt() from result.value
         raise KeyboardInterrupt()
@@ -148,12 +177,20 @@ def _turn(reactor: Any) -> None:
     reactor.iterate(timeout if timeout is not None else 1.0)
 
 
-def _catch_sigint(reactor: Any, interrupted: list[bool]) -> Callable[[], None]:
+def _catch_sigint(
+    reactor: Any,
+    hub: greenlet.greenlet,
+    interrupts: _Interrupts,
+    once: bool,
+) -> Callable[[], None]:
     """
-    While the reactor turns, make Ctrl-C a request (as ``reactor.run()``
-    does) instead of a :exc:`KeyboardInterrupt` raised wherever the reactor
-    happens to be, which could leave a connection half-read.  Only on the
-    main thread, and only when SIGINT has Python's default handler.
+    Ctrl-C while a fiber runs Python code (or blocks in ``input()``) raises
+    :exc:`KeyboardInterrupt` there, as in any Python program.  While the hub
+    turns the reactor, it is a request instead (as under ``reactor.run()``),
+    so that it never lands in the middle of the reactor reading a
+    connection; a second Ctrl-C before the request is served (or, with
+    ``once``, after it) raises at once.  Only on the main thread, and only
+    when SIGINT has Python's default handler.
     """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
@@ -161,9 +198,11 @@ def _catch_sigint(reactor: Any, interrupted: list[bool]) -> Callable[[], None]:
         return lambda: None
 
     def on_sigint(signum: int, frame: Any) -> None:
-        if interrupted:  # the second Ctrl-C: the old behaviour
+        if greenlet.getcurrent() is not hub:
             raise KeyboardInterrupt()
-        interrupted.append(True)
+        if interrupts.pending or (once and interrupts.cancelled):
+            raise KeyboardInterrupt()
+        interrupts.pending = True
         reactor.wakeUp()
 
     signal.signal(signal.SIGINT, on_sigint)
