@@ -4,6 +4,7 @@ processes whose console is driven through stdin, against the test server.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -282,6 +283,23 @@ class UrlTests(SynchronousTestCase):
 
 
 class DemoShellTests(SynchronousTestCase):
+    def test_doc_session(self):
+        """doc/howto/shell.md's session, typed into the demo's shell."""
+        with open(os.path.join(ROOT, "doc", "howto", "shell.md")) as f:
+            (block,) = re.findall(r"```pycon\n(.*?)```", f.read(), re.S)
+        inputs, expected = [], []
+        for line in block.splitlines():
+            if line.startswith((">>> ", "... ")):
+                inputs.append(line[4:])
+            else:
+                expected.append(line)
+        status, out, err = Console(self, "-m", "klein_demo.shell").finish(
+            "\n".join(inputs) + "\n"
+        )
+        self.assertEqual(status, 0, err)
+        printed = out.replace(">>> ", "").replace("... ", "").splitlines()
+        self.assertEqual(printed, expected)
+
     def test_throwaway_server_with_sample_data(self):
         c = Console(self, "-m", "klein_demo.shell")
         status, out, err = c.finish(
