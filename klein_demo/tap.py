@@ -10,15 +10,16 @@
 
 With no ``--dsn`` it starts a throwaway PostgreSQL server of its own
 (:class:`txfiberdb.testing.TemporaryPostgres`: system PostgreSQL binaries or
-the ``pgserver`` wheel), creates the schema and sample data, and removes the
-server on shutdown.  With ``--dsn`` it uses that server and creates the
-schema if missing (sample data only with ``--sample-data``, and only into an
+the ``pgserver`` wheel), migrates the schema, loads sample data, and removes
+the server on shutdown.  With ``--dsn`` it uses that server and brings its
+schema to the latest migration (``klein_demo/migrations``; not with
+``--no-migrate``; sample data only with ``--sample-data``, and only into an
 empty shop).
 
 Start-up order: the throwaway server (if any) is started in ``startService``
 -- after twistd has forked and dropped privileges -- and that blocks for the
 second or two PostgreSQL takes to start, before the reactor runs and before
-anything is served.  Then the schema is created in a fiber (with the
+anything is served.  Then the schema is migrated in a fiber (with the
 ordinary, blocking-looking SQLAlchemy calls), and only then does the service
 listen, so no request ever sees a half-made schema.  (Listening after
 start-up means after privileges are dropped: for a port below 1024 use

@@ -64,6 +64,22 @@ class BridgeTests(SynchronousTestCase):
         self.assertFalse(reactor.running)
         self.assertEqual(reactor.getDelayedCalls(), [])
 
+    def test_background_fiber_goes_on_in_the_next_call(self):
+        done = []
+
+        def background():
+            sleep(0.01)
+            done.append("background")
+
+        def start():
+            run_in_fiber(background)
+            return "started"
+
+        self.assertEqual(run_blocking(start), "started")
+        self.assertEqual(done, [])
+        run_blocking(lambda: await_deferred(task.deferLater(reactor, 0.05, lambda: None)))
+        self.assertEqual(done, ["background"])
+
     def test_exception_with_fiber_traceback(self):
         def inner():
             sleep(0)
