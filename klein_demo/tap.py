@@ -202,9 +202,9 @@ class ShopService(MultiService):
         grace_period: float = 30.0,
         echo: bool = False,
         sample_data: Optional[bool] = None,
+        migrate: bool = True,
         reactor: Any = None,
         exit_on_failure: bool = False,
-        migrate: bool = True,
     ) -> None:
         super().__init__()
         self.migrate = migrate
@@ -362,6 +362,6 @@ def makeService(options: Options) -> Service:
         grace_period=options["grace-period"],
         echo=bool(options["echo"]),
         sample_data=True if options["sample-data"] else None,
-        exit_on_failure=True,
         migrate=not options["no-migrate"],
+        exit_on_failure=True,
     )
