@@ -40,6 +40,14 @@ def run_script(source, *args, env=None, **kwargs):
     )
 
 
+def default_sigint():
+    """
+    In the child: SIGINT as a terminal gives it (a test runner started in
+    the background has it ignored, and its children inherit that).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class BridgeTests(SynchronousTestCase):
     """No database: the bridge alone (trial runs these with no reactor)."""
 
@@ -287,6 +295,7 @@ print("still sleeping:", txfiberdb.run_blocking(busy))
             text=True,
             env=environ,
             cwd=ROOT,
+            preexec_fn=default_sigint,
         )
         try:
             first = proc.stdout.readline()
@@ -325,6 +334,7 @@ print(txfiberdb.run_blocking(lambda: "next call works"))
             stderr=subprocess.PIPE,
             text=True,
             cwd=ROOT,
+            preexec_fn=default_sigint,
         )
         try:
             self.assertEqual(proc.stdout.readline(), "spinning\n")

@@ -32,6 +32,7 @@ class Console:
             text=True,
             cwd=ROOT,
             env=environ,
+            preexec_fn=default_sigint,
         )
         case.addCleanup(self.kill)
 
@@ -69,6 +70,15 @@ class Console:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.communicate()
+
+
+def default_sigint():
+    """
+    In the child: SIGINT as a terminal gives it.  A test runner started in
+    the background (``cmd &`` in a script, nohup) has SIGINT ignored, which
+    its children inherit, and Python then leaves it ignored.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_query(dsn, prefix):
