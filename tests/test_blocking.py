@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import traceback
 
 import greenlet
@@ -46,6 +47,28 @@ def default_sigint():
     the background has it ignored, and its children inherit that).
     """
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def wait_for_query(dsn, prefix):
+    """Until a query starting with ``prefix`` runs on the server (no timing)."""
+    import psycopg2
+
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for _ in range(2400):  # a generous deadline, for a hung child only
+                cur.execute(
+                    "select count(*) from pg_stat_activity where state = 'active' "
+                    "and query like %s and pid <> pg_backend_pid()",
+                    (prefix + "%",),
+                )
+                if cur.fetchone()[0]:
+                    return
+                cur.execute("select pg_sleep(0.05)")
+            raise AssertionError(f"no query like {prefix!r} ever ran")
+    finally:
+        conn.close()
 
 
 class BridgeTests(SynchronousTestCase):
@@ -298,8 +321,12 @@ print("still sleeping:", txfiberdb.run_blocking(busy))
             preexec_fn=default_sigint,
         )
         try:
+            watchdog = threading.Timer(120, proc.kill)
+            watchdog.start()
+            self.addCleanup(watchdog.cancel)
             first = proc.stdout.readline()
             self.assertTrue(first.startswith("pid "), first)
+            wait_for_query(test_server(), "select pg_sleep(60)")
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=60)
         finally:
@@ -311,15 +338,20 @@ print("still sleeping:", txfiberdb.run_blocking(busy))
         self.assertEqual(err, "")
 
     def test_ctrl_c_in_python_code(self):
-        """Ctrl-C while the fiber computes: KeyboardInterrupt raised in it."""
+        """
+        Ctrl-C while the fiber computes: served at its next wait (never in
+        the middle of the driver's work), then KeyboardInterrupt.
+        """
+        flag = os.path.abspath(self.mktemp())
         source = """\
-import txfiberdb
+import os, sys, txfiberdb
 def spin():
-    txfiberdb.sleep(0)
-    print("spinning", flush=True)
     try:
-        while True:
+        print("spinning", flush=True)
+        while not os.path.exists(sys.argv[1]):
             pass
+        print("waiting", flush=True)
+        txfiberdb.sleep(60)
     finally:
         print("finally ran", flush=True)
 try:
@@ -329,7 +361,7 @@ except KeyboardInterrupt:
 print(txfiberdb.run_blocking(lambda: "next call works"))
 """
         proc = subprocess.Popen(
-            [sys.executable, "-c", source],
+            [sys.executable, "-c", source, flag],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -337,12 +369,16 @@ print(txfiberdb.run_blocking(lambda: "next call works"))
             preexec_fn=default_sigint,
         )
         try:
+            watchdog = threading.Timer(120, proc.kill)
+            watchdog.start()
+            self.addCleanup(watchdog.cancel)
             self.assertEqual(proc.stdout.readline(), "spinning\n")
             proc.send_signal(signal.SIGINT)
+            open(flag, "w").close()
             out, err = proc.communicate(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
         self.assertEqual((proc.returncode, err), (0, ""))
-        self.assertEqual(out, "finally ran\ninterrupted\nnext call works\n")
+        self.assertEqual(out, "waiting\nfinally ran\ninterrupted\nnext call works\n")

@@ -8,12 +8,15 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from txfiberdb.shell import to_txpostgres_url
 from txfiberdb.testing import create_database, drop_database, dsn_to_url
+
+from .test_blocking import default_sigint, wait_for_query
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,6 +38,11 @@ class Console:
             preexec_fn=default_sigint,
         )
         case.addCleanup(self.kill)
+        # A console that never answers must not hang the suite: killed after
+        # a generous deadline, its pipes close and the test fails.
+        self.watchdog = threading.Timer(120, self.proc.kill)
+        self.watchdog.start()
+        case.addCleanup(self.watchdog.cancel)
 
     def send(self, line):
         self.proc.stdin.write(line + "\n")
@@ -70,36 +78,6 @@ class Console:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.communicate()
-
-
-def default_sigint():
-    """
-    In the child: SIGINT as a terminal gives it.  A test runner started in
-    the background (``cmd &`` in a script, nohup) has SIGINT ignored, which
-    its children inherit, and Python then leaves it ignored.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def wait_for_query(dsn, prefix):
-    """Until a query starting with ``prefix`` runs on the server (no timing)."""
-    import psycopg2
-
-    conn = psycopg2.connect(dsn)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            while True:
-                cur.execute(
-                    "select count(*) from pg_stat_activity where state = 'active' "
-                    "and query like %s and pid <> pg_backend_pid()",
-                    (prefix + "%",),
-                )
-                if cur.fetchone()[0]:
-                    return
-                cur.execute("select pg_sleep(0.05)")
-    finally:
-        conn.close()
 
 
 def shell(case, url, *args, env=None):
@@ -213,6 +191,25 @@ class ShellTests(SynchronousTestCase):
         )
         self.assertEqual(status, 0, err)
         self.assertIn("active 0\n", out)
+        self.assertNotIn("Traceback", err)
+
+    def test_ctrl_c_while_computing(self):
+        """
+        Ctrl-C while a statement computes without waiting is reported when
+        it ends, and does not cancel the next statement's query.
+        """
+        flag = os.path.abspath(self.mktemp())
+        c = shell(self, self.url)
+        c.send("import os")
+        c.send(f"flag = {flag!r}")
+        c.send("print('spinning', flush=True); exec('while not os.path.exists(flag): pass')")
+        c.expect("spinning")
+        c.proc.send_signal(signal.SIGINT)
+        open(flag, "w").close()
+        c.expect_error("KeyboardInterrupt")
+        status, out, err = c.finish("print('after', session.scalar(text('select 7')))\n")
+        self.assertEqual(status, 0, err)
+        self.assertIn("after 7\n", out)
         self.assertNotIn("Traceback", err)
 
     def test_ctrl_c_at_the_prompt(self):

@@ -56,11 +56,12 @@ def run_blocking(f: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
     may be called any number of times; an Engine and its pooled connections
     carry over from one call to the next (idle in between).
 
-    Ctrl-C while ``f`` waits cancels ``f`` where it waits (a running query
-    is cancelled on the server and its transaction rolled back), lets it
-    finish its clean-up, then raises :exc:`KeyboardInterrupt`; a second
-    Ctrl-C interrupts at once.  While ``f`` runs Python code, Ctrl-C raises
-    :exc:`KeyboardInterrupt` in ``f`` as usual.
+    Ctrl-C cancels ``f`` where it waits (now, or at its next wait if it is
+    running Python code: never in the middle of the driver's work, which
+    would leave a query running on the server), lets it finish its
+    clean-up, then raises :exc:`KeyboardInterrupt`.  A second Ctrl-C
+    raises :exc:`KeyboardInterrupt` at once, wherever the code is (for a
+    fiber that computes without ever waiting).
 
     Delayed calls that are not due yet when ``f`` returns (a pool's timer,
     say) stay scheduled: they run during the next call, or once the program
@@ -103,11 +104,16 @@ def _blocking_greenlet() -> greenlet.greenlet:
 
 
 class _Interrupts:
-    """Ctrl-C requests made while the hub turns the reactor."""
+    """
+    Ctrl-C requests, served by the hub at the fiber's next wait.
+    ``immediate``: raise :exc:`KeyboardInterrupt` at once instead (the
+    shell sets it while it waits for input).
+    """
 
     def __init__(self) -> None:
         self.pending = False
         self.cancelled = False
+        self.immediate = False
 
 
 def _block_on(
@@ -116,20 +122,23 @@ def _block_on(
     args: Any,
     kwargs: Any,
     on_interrupt: Optional[Callable[[_Fiber], None]] = None,
+    interrupts: Optional[_Interrupts] = None,
 ) -> _T:
     """
     Run ``f`` in a fiber and turn the reactor on ``hub`` (the caller) until
     the fiber is over.  Ctrl-C while the fiber waits: by default, cancel the
     fiber once and raise :exc:`KeyboardInterrupt` when it is over; with
-    ``on_interrupt``, call it with the fiber each time instead (the shell:
-    cancel the statement's wait, go on).
+    ``on_interrupt``, call it with the fiber at each of its waits that a
+    Ctrl-C came before instead (the shell: cancel the statement's wait, go
+    on).
     """
     reactor = _reactor()
     previous_hub = _hub.greenlet
     _hub.greenlet = hub
     outcome: list[Any] = []
-    interrupts = _Interrupts()
-    restore = _catch_sigint(reactor, hub, interrupts, on_interrupt is None)
+    if interrupts is None:
+        interrupts = _Interrupts()
+    restore = _catch_sigint(reactor, interrupts, on_interrupt is None)
     try:
         d = run_in_fiber(f, *args, **kwargs)
         fib: _Fiber = d._txfiber  # type: ignore[attr-defined]
@@ -138,7 +147,7 @@ def _block_on(
         # once, but its clean-up (the query cancelled, the rollback) is
         # still to come.
         while not fib.dead:
-            if interrupts.pending:
+            if interrupts.pending and fib.waiting_on is not None:
                 interrupts.pending = False
                 if on_interrupt is not None:
                     on_interrupt(fib)
@@ -155,7 +164,7 @@ def _block_on(
         restore()
         _hub.greenlet = previous_hub
     result = outcome[0]
-    if interrupts.cancelled:
+    if interrupts.cancelled or (interrupts.pending and on_interrupt is None):
         if isinstance(result, Failure) and not result.check(CancelledError):
             raise KeyboardInterrupt() from result.value
         raise KeyboardInterrupt()
@@ -179,18 +188,15 @@ def _turn(reactor: Any) -> None:
 
 def _catch_sigint(
     reactor: Any,
-    hub: greenlet.greenlet,
     interrupts: _Interrupts,
     once: bool,
 ) -> Callable[[], None]:
     """
-    Ctrl-C while a fiber runs Python code (or blocks in ``input()``) raises
-    :exc:`KeyboardInterrupt` there, as in any Python program.  While the hub
-    turns the reactor, it is a request instead (as under ``reactor.run()``),
-    so that it never lands in the middle of the reactor reading a
-    connection; a second Ctrl-C before the request is served (or, with
-    ``once``, after it) raises at once.  Only on the main thread, and only
-    when SIGINT has Python's default handler.
+    Make Ctrl-C a request (as ``reactor.run()`` does), served when the fiber
+    waits, so that it never lands in the middle of the reactor reading a
+    connection or of the driver sending a query; a second Ctrl-C before the
+    request is served (or, with ``once``, after it) raises at once.  Only
+    on the main thread, and only when SIGINT has Python's default handler.
     """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
@@ -198,7 +204,7 @@ def _catch_sigint(
         return lambda: None
 
     def on_sigint(signum: int, frame: Any) -> None:
-        if greenlet.getcurrent() is not hub:
+        if interrupts.immediate:
             raise KeyboardInterrupt()
         if interrupts.pending or (once and interrupts.cancelled):
             raise KeyboardInterrupt()

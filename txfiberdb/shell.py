@@ -17,9 +17,10 @@ and transaction) lives from one input to the next.  While a statement waits
 on PostgreSQL the reactor turns on the main greenlet
 (:func:`txfiberdb.run_blocking`'s machinery); while the console waits for
 input nothing runs.  Ctrl-C at the prompt clears the input; Ctrl-C while a
-statement waits cancels its query (PostgreSQL cancels it, the transaction
-is rolled back) and the console goes on.  Ctrl-D or ``exit()`` leaves, after
-the pool's connections are closed.
+statement runs cancels its query (PostgreSQL cancels it, the transaction
+is rolled back) when it waits on the database, and the console goes on; a
+second Ctrl-C interrupts Python code that never waits.  Ctrl-D or
+``exit()`` leaves, after the pool's connections are closed.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any, Optional
 
 from twisted.internet.defer import CancelledError
 
-from txfiberdb.blocking import _block_on, _blocking_greenlet
+from txfiberdb.blocking import _block_on, _blocking_greenlet, _Interrupts
 from txfiberdb.fiber import _Fiber
 
 __all__ = ["FiberConsole", "interact", "main", "make_namespace", "to_txpostgres_url"]
@@ -113,6 +114,25 @@ class FiberConsole(code.InteractiveConsole):
     """
 
     interrupted = False
+
+    def __init__(self, namespace: dict[str, Any]) -> None:
+        super().__init__(namespace)
+        self.interrupts = _Interrupts()
+
+    def raw_input(self, prompt: str = "") -> str:
+        """
+        ``input()``, where Ctrl-C raises at once (clearing the line); a
+        Ctrl-C that came while the last statement computed without waiting
+        is reported here instead of cancelling the next statement.
+        """
+        if self.interrupts.pending:
+            self.interrupts.pending = False
+            self.write("KeyboardInterrupt\n")
+        self.interrupts.immediate = True
+        try:
+            return input(prompt)
+        finally:
+            self.interrupts.immediate = False
 
     def runcode(self, code_object: Any) -> None:
         self.interrupted = False
@@ -224,7 +244,14 @@ def interact(
             namespace["session"].close()
             engine.dispose()
 
-    return _block_on(hub, session, (), {}, on_interrupt=_cancel_wait(console))
+    return _block_on(
+        hub,
+        session,
+        (),
+        {},
+        on_interrupt=_cancel_wait(console),
+        interrupts=console.interrupts,
+    )
 
 
 def _banner(
