@@ -15,5 +15,13 @@ from setuptools import find_packages, setup
 setup(
     packages=find_packages(include=["txfiberdb", "txfiberdb.*", "klein_demo", "klein_demo.*"])
     + ["twisted.plugins"],
-    package_data={"txfiberdb": ["py.typed"], "twisted.plugins": ["*.py"]},
+    package_data={
+        "txfiberdb": ["py.typed", "alembic_templates/txfiberdb/*"],
+        "klein_demo": [
+            "migrations/alembic.ini",
+            "migrations/script.py.mako",
+            "migrations/versions/*.py",
+        ],
+        "twisted.plugins": ["*.py"],
+    },
 )

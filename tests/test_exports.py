@@ -30,6 +30,7 @@ class ExportTests(SynchronousTestCase):
                 "listener_stats",
                 "on_fiber_exit",
                 "pool_stats",
+                "run_blocking",
                 "run_in_fiber",
                 "shield",
                 "sleep",

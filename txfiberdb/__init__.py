@@ -4,6 +4,7 @@ txfiberdb: plain synchronous SQLAlchemy inside Twisted, one greenlet (a
 threads.
 """
 
+from txfiberdb.blocking import run_blocking
 from txfiberdb.fiber import (
     NotInFiberError,
     WaitTimeout,
@@ -49,6 +50,7 @@ __all__ = [
     "listener_stats",
     "on_fiber_exit",
     "pool_stats",
+    "run_blocking",
     "run_in_fiber",
     "shield",
     "sleep",
