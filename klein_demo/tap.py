@@ -471,5 +471,5 @@ def makeService(options: Options) -> Service:
         log_sql_parameters=bool(options["log-sql-parameters"]),
     )
     # twistd's own options (the parent of ours) name its pid file.
-    service.pidfile = getattr(options, "parent", {}).get("pidfile") or None
+    service.pidfile = (getattr(options, "parent", None) or {}).get("pidfile") or None
     return service

@@ -26,7 +26,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, ParamSpec, TypeVar
 
 import greenlet
 from twisted.internet.defer import CancelledError
@@ -37,6 +37,7 @@ from txfiberdb.fiber import _Fiber, _hub, _reactor, _runs_reactor, run_in_fiber
 __all__ = ["run_blocking"]
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 #: After ``f`` returns, how many reactor turns may go to work that is due at
 #: once (a fiber resumed with ``callLater(0)``, a connection handed back to
@@ -44,7 +45,7 @@ _T = TypeVar("_T")
 _SETTLE_TURNS = 10
 
 
-def run_blocking(f: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+def run_blocking(f: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
     """
     Run ``f(*args, **kwargs)`` in a fiber and block until it is done: return
     its result, or raise its exception (with the fiber's frames in its

@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Optional, Protocol, TypeVar
+from typing import Any, Optional, ParamSpec, Protocol, TypeVar
 
 import greenlet
 from twisted.internet.defer import CancelledError, Deferred
@@ -61,6 +61,7 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 _log = Logger(namespace="txfiberdb.fiber")
 _getcurrent = greenlet.getcurrent
 _perf = time.perf_counter
@@ -308,7 +309,9 @@ def _raise(failure: Failure) -> None:
     raise exc
 
 
-def run_in_fiber(f: Callable[..., _T], *args: Any, **kwargs: Any) -> Deferred[_T]:
+def run_in_fiber(
+    f: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+) -> Deferred[_T]:
     """
     Run ``f(*args, **kwargs)`` in a new fiber.
 
@@ -345,14 +348,14 @@ def run_in_fiber(f: Callable[..., _T], *args: Any, **kwargs: Any) -> Deferred[_T
     return d
 
 
-def fibered(f: Callable[..., _T]) -> Callable[..., Deferred[_T]]:
+def fibered(f: Callable[_P, _T]) -> Callable[_P, Deferred[_T]]:
     """
     Decorate ``f`` so that each call runs it in a new fiber and returns a
     Deferred (for Klein routes, service start-up, trial tests).
     """
 
     @functools.wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> Deferred[_T]:
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> Deferred[_T]:
         return run_in_fiber(f, *args, **kwargs)
 
     return wrapper

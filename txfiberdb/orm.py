@@ -6,13 +6,15 @@ SQLAlchemy ORM helpers for fibers.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy.orm import scoped_session
+from sqlalchemy.orm import Session, scoped_session
 
 from txfiberdb.fiber import NotInFiberError, current_fiber, on_fiber_exit
 
 __all__ = ["fiber_scope", "fiber_scoped_session"]
+
+_S = TypeVar("_S", bound=Session)
 
 
 def fiber_scope() -> Any:
@@ -30,7 +32,7 @@ def fiber_scope() -> Any:
     return fib
 
 
-def fiber_scoped_session(session_factory: Callable[..., Any]) -> scoped_session[Any]:
+def fiber_scoped_session(session_factory: Callable[..., _S]) -> scoped_session[_S]:
     """
     A ``scoped_session`` with one Session per fiber, closed and forgotten
     when its fiber ends (so the registry never keeps dead fibers alive, and
@@ -39,7 +41,7 @@ def fiber_scoped_session(session_factory: Callable[..., Any]) -> scoped_session[
     >>> Session = fiber_scoped_session(sessionmaker(engine))   # doctest: +SKIP
     >>> Session.add(obj); Session.commit()                     # doctest: +SKIP
     """
-    scoped: scoped_session[Any] = scoped_session(
+    scoped: scoped_session[_S] = scoped_session(
         session_factory,  # type: ignore[arg-type]
         scopefunc=fiber_scope,
     )

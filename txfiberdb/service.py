@@ -25,7 +25,7 @@ Life cycle:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, ParamSpec, TypeVar
 
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
@@ -40,6 +40,7 @@ from txfiberdb.notify import close_listener
 __all__ = ["EngineService", "ServiceStopping"]
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 
 def _reactor() -> Any:
@@ -134,7 +135,9 @@ class EngineService(Service):
 
     _stopping: Optional[Deferred[None]] = None
 
-    def run(self, f: Callable[..., _T], *args: Any, **kwargs: Any) -> Deferred[_T]:
+    def run(
+        self, f: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> Deferred[_T]:
         """
         Run ``f(*args, **kwargs)`` in a fiber, tracked so that shutdown waits
         for it (until the fiber has really ended, clean-up included, even

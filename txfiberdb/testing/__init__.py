@@ -290,8 +290,11 @@ def _close_connections_left_watched() -> list[str]:
 
 
 def _wait_for_test(
-    case: TestCase, trial_wait: Callable[..., None], d: Deferred[Any], *args: Any,
-    **kwargs: Any
+    case: TestCase,
+    trial_wait: Callable[..., None],
+    d: Deferred[Any],
+    *args: Any,
+    **kwargs: Any,
 ) -> None:
     """
     trial's ``_wait`` (which runs the reactor until ``d`` fires), or under
