@@ -8,11 +8,13 @@ client library needed: the format is a few lines of text.
 from __future__ import annotations
 
 import bisect
+import os
 import time
 from collections import defaultdict
 from typing import Any, Optional
 
 from txfiberdb import pool_stats
+from txfiberdb.workers import worker_index
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -170,4 +172,14 @@ class Metrics:
             "When the service started (Unix time).",
         )
         out.append(f"klein_demo_start_time_seconds {_num(self.started)}")
+        # Per process: with --workers N each scrape is answered by one worker.
+        head(
+            "klein_demo_worker_info",
+            "gauge",
+            "The process that answered: its worker number (0: no supervisor) and pid.",
+        )
+        out.append(
+            f'klein_demo_worker_info{{worker="{worker_index() or 0}",'
+            f'pid="{os.getpid()}"}} 1'
+        )
         return "\n".join(out) + "\n"

@@ -37,7 +37,9 @@ from typing import Any, Optional
 
 import psycopg2
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
@@ -49,6 +51,7 @@ from klein_demo.metrics import Metrics
 from klein_demo.models import create_schema, load_sample_data
 from txfiberdb.health import ReadinessProbe
 from txfiberdb.service import EngineService
+from txfiberdb.workers import WorkerOptions, listen, worker_index
 
 
 def _first_line(error: BaseException) -> str:
@@ -88,7 +91,7 @@ def to_url(dsn: str) -> str:
     )
 
 
-class Options(usage.Options):
+class Options(WorkerOptions):
     synopsis = "[options]"
     longdesc = (
         "A small shop (products, customers, orders) served by Klein, with "
@@ -341,15 +344,20 @@ class ShopService(MultiService):
         """In a fiber: the schema, and the sample data into an empty shop."""
         engine = self.db.engine
         assert engine is not None and self.db.sessionmaker is not None
-        create_schema(engine)
-        if self.sample_data:
-            with self.db.sessionmaker.begin() as session:
-                if load_sample_data(session):
-                    log.info("sample data loaded")
+        with engine.begin() as conn:
+            # Several workers (--workers N, or several hosts) start at once:
+            # one at a time creates the schema and the sample data.
+            conn.execute(text("SELECT pg_advisory_xact_lock(7468271)"))
+            create_schema(conn)
+            if self.sample_data:
+                with Session(bind=conn) as session:
+                    if load_sample_data(session):
+                        session.flush()
+                        log.info("sample data loaded")
 
     def _listen(self) -> Deferred[Any]:
-        endpoint = serverFromString(self.reactor, self.listen)
-        return endpoint.listen(self.site)
+        # In a worker of --workers N: the supervisor's socket, inherited.
+        return listen(self.reactor, self.listen, self.site)
 
     def _serving(self, port: Any) -> None:
         self._starting = None
@@ -435,7 +443,11 @@ class ShopService(MultiService):
 
 
 def makeService(options: Options) -> Service:
-    """The twistd plugin's entry point."""
+    """The twistd plugin's entry point (a supervisor with ``--workers N``)."""
+    if options["workers"] > 1 and worker_index() is None:
+        from klein_demo.workers import make_supervisor
+
+        return make_supervisor(options)
     return ShopService(
         url=options["url"],
         listen=options["listen"],
