@@ -3,23 +3,33 @@
 Several worker processes of one twistd plugin on one listening socket.
 
 One Twisted process uses one core.  ``twistd -n myplugin --workers 4`` runs a
-*supervisor* that binds the listening socket once and starts four ordinary
-``twistd -n myplugin`` processes that inherit it; each worker serves it with
-:meth:`~twisted.internet.interfaces.IReactorSocket.adoptStreamPort`, and the
-kernel hands each new connection to one of the workers waiting in
-``accept``.  The supervisor serves nothing itself: it starts the workers,
-replaces one that dies (after a delay that doubles while they keep dying
-quickly), and on SIGTERM passes the signal on and waits until every worker
-has drained and exited.
+*supervisor* that binds the address once and starts four ordinary
+``twistd -n myplugin`` processes that serve it.  The supervisor serves
+nothing itself: it starts the workers, replaces one that dies (after a delay
+that doubles while they keep dying quickly; when the first ones cannot start
+at all it gives up and exits 1), and on SIGTERM passes the signal on and
+waits until every worker has drained its requests and exited.  A worker
+whose supervisor vanishes (SIGKILL) notices the end of a pipe and shuts down
+as on SIGTERM: nothing is left running.
 
-Why a socket shared by inheritance (and not ``SO_REUSEPORT``, systemd socket
-activation or a load balancer): one bind, in one process, so a port that is
-taken, a bad address or ``tcp:0`` are handled once, before any worker
-starts; no other process can join the port (with ``SO_REUSEPORT`` any
-process of the same user can); connections queued in the backlog survive a
-worker's death (with ``SO_REUSEPORT`` those queued on the dead worker's own
-socket are reset); and it needs nothing outside Python.  Under systemd the
-supervisor can itself take a ``systemd:`` socket and pass it on.
+How the workers share the address:
+
+- ``tcp:``/``tcp6:``: the supervisor binds a socket with ``SO_REUSEPORT``
+  and never listens on it (it holds the port, learns the number ``tcp:0``
+  got, reports "address in use" once); each worker binds its own socket in
+  the same ``SO_REUSEPORT`` group, listens, and hands it to Twisted with
+  ``adoptStreamPort``.  The kernel spreads new connections evenly over the
+  workers' sockets.  One listening socket inherited by all the workers was
+  tried first and measured: every worker wakes for each connection and the
+  first to run takes it (Twisted's port accepts bursts), so one worker got
+  85% of the requests in bench/workers.py.
+- ``unix:`` and ``systemd:``: one listening socket, bound by the supervisor
+  (or passed by systemd) and inherited by the workers as a file descriptor
+  (``adoptStreamPort`` again).
+
+Not a load balancer in front (HAProxy, nginx): that is one more process per
+request hop and one more thing to run; it remains the way to spread work
+over several *machines*.
 
 A plugin gets ``--workers`` with two changes::
 
