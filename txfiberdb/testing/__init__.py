@@ -8,7 +8,8 @@ Helpers for testing code that uses txfiberdb.
   ``pytest11`` entry point) that runs tests marked ``@pytest.mark.fiber`` in a
   fiber under pytest-twisted, with ``postgres_dsn`` and ``postgres_url``
   fixtures.
-- :class:`TemporaryPostgres`: a throwaway PostgreSQL server.
+- :class:`TemporaryPostgres`: a throwaway PostgreSQL server;
+  :class:`TemporaryPgBouncer`: a throwaway PgBouncer in front of one.
 - :func:`test_server`, :func:`create_database`, :func:`drop_database`: the
   server the tests of this process use (``$TXFIBERDB_TEST_DSN`` if set, else
   a :class:`TemporaryPostgres` started on first use and removed at exit), and
@@ -29,6 +30,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from txfiberdb.fiber import _cancel_fiber, await_deferred, current_fiber, run_in_fiber
+from txfiberdb.testing._pgbouncer import (
+    PgBouncerUnavailable,
+    TemporaryPgBouncer,
+    find_pgbouncer,
+)
 from txfiberdb.testing._postgres import (
     PostgresUnavailable,
     TemporaryPostgres,
@@ -37,11 +43,14 @@ from txfiberdb.testing._postgres import (
 
 __all__ = [
     "FiberTestCase",
+    "PgBouncerUnavailable",
     "PostgresUnavailable",
+    "TemporaryPgBouncer",
     "TemporaryPostgres",
     "create_database",
     "drop_database",
     "dsn_to_url",
+    "find_pgbouncer",
     "find_postgres_bindir",
     "test_server",
 ]
