@@ -19,12 +19,15 @@ from txfiberdb.fiber import (
 from txfiberdb.fiber import stats as fiber_stats
 from txfiberdb.orm import fiber_scope, fiber_scoped_session
 from txfiberdb.pool import FiberQueuePool, pool_stats
+from txfiberdb.replicas import ReplicaRouter, RoutingSession
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "FiberQueuePool",
     "NotInFiberError",
+    "ReplicaRouter",
+    "RoutingSession",
     "WaitTimeout",
     "await_deferred",
     "current_fiber",

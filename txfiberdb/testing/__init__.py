@@ -40,6 +40,7 @@ from txfiberdb.testing._postgres import (
     TemporaryPostgres,
     find_postgres_bindir,
 )
+from txfiberdb.testing._replica import TemporaryReplica
 
 __all__ = [
     "FiberTestCase",
@@ -47,6 +48,7 @@ __all__ = [
     "PostgresUnavailable",
     "TemporaryPgBouncer",
     "TemporaryPostgres",
+    "TemporaryReplica",
     "create_database",
     "drop_database",
     "dsn_to_url",

@@ -11,7 +11,7 @@ server behind it (``* = host=... port=...``), trusting the users named in
 root: as root it runs as ``nobody`` (``$TXFIBERDB_PG_USER`` to choose
 another), as the throwaway PostgreSQL does.
 
->>> with TemporaryPgBouncer("127.0.0.1", 5432, default_pool_size=4) as bouncer:  # doctest: +SKIP
+>>> with TemporaryPgBouncer("127.0.0.1", 5432) as bouncer:  # doctest: +SKIP
 ...     engine = create_engine(bouncer.url("shop"))
 """
 
@@ -85,7 +85,8 @@ class TemporaryPgBouncer:
     ) -> None:
         if pool_mode not in ("session", "transaction", "statement"):
             raise ValueError(
-                f"pool_mode must be session, transaction or statement, not {pool_mode!r}"
+                f"pool_mode must be session, transaction or statement, "
+                f"not {pool_mode!r}"
             )
         self.server_host = server_host
         self.server_port = server_port
