@@ -119,7 +119,10 @@ class Metrics:
         entry[1] += seconds
 
     def render(
-        self, engine: Optional[Any] = None, inflight: Optional[int] = None
+        self,
+        engine: Optional[Any] = None,
+        inflight: Optional[int] = None,
+        router: Optional[Any] = None,
     ) -> str:
         out: list[str] = []
 
@@ -166,6 +169,23 @@ class Metrics:
                     continue
                 head(metric, kind, help_)
                 out.append(f"{metric} {_num(value)}")
+        if router is not None and router.replicas:
+            head(
+                "txfiberdb_reads_total",
+                "counter",
+                "Read-only Sessions by where they read: replica, primary (no "
+                "replica configured) or fallback (no replica answered).",
+            )
+            for target in ("replica", "primary", "fallback"):
+                out.append(
+                    f'txfiberdb_reads_total{{target="{target}"}} {router.stats[target]}'
+                )
+            head(
+                "txfiberdb_replicas_down",
+                "gauge",
+                "Replicas set aside now (their last connection attempt failed).",
+            )
+            out.append(f"txfiberdb_replicas_down {router.replicas_down()}")
         head(
             "klein_demo_start_time_seconds",
             "gauge",

@@ -171,7 +171,23 @@ class Options(WorkerOptions):
         ],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["replicas"] = []
+
+    def opt_replica(self, dsn: str) -> None:
+        """
+        A streaming replica (URL or DSN) for the read-only routes (GET);
+        repeat for several.  Unreachable replicas: reads go to the primary.
+        """
+        self["replicas"].append(dsn)
+
     def postOptions(self) -> None:
+        try:
+            self["replica-urls"] = [to_url(r) for r in self["replicas"]]
+        except Exception as e:
+            # Never the DSN itself in the message: it may hold a password.
+            raise usage.UsageError(f"--replica: {e}") from None
         if self["pool-size"] < 1:
             raise usage.UsageError("--pool-size must be at least 1")
         if self["max-overflow"] < -1:
@@ -268,6 +284,7 @@ class ShopService(MultiService):
         exit_on_failure: bool = False,
         slow_route_concurrency: Optional[int] = None,
         log_sql_parameters: bool = False,
+        replicas: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.url = url
@@ -283,6 +300,7 @@ class ShopService(MultiService):
             max_overflow=max_overflow,
             pool_timeout=pool_timeout,
             hide_parameters=not log_sql_parameters,
+            replicas=replicas,
         )
         self.db.setServiceParent(self)
         self.metrics = Metrics()
@@ -460,4 +478,5 @@ def makeService(options: Options) -> Service:
         exit_on_failure=True,
         slow_route_concurrency=options["slow-route-concurrency"],
         log_sql_parameters=bool(options["log-sql-parameters"]),
+        replicas=tuple(options["replica-urls"]),
     )
