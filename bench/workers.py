@@ -70,7 +70,9 @@ def start(workers: int, url: str, port: int) -> subprocess.Popen[bytes]:
     seen: set[str] = set()
     while time.monotonic() < deadline and len(seen) < workers:
         if proc.poll() is not None:
-            raise SystemExit(f"klein-demo --workers {workers} exited ({proc.returncode})")
+            raise SystemExit(
+                f"klein-demo --workers {workers} exited ({proc.returncode})"
+            )
         try:
             with urllib.request.urlopen(
                 f"http://127.0.0.1:{port}/metrics", timeout=2
@@ -102,8 +104,10 @@ def ab(url: str, n: int, c: int) -> float:
     failed = re.search(r"Failed requests:\s+(\d+)", out)
     non2xx = re.search(r"Non-2xx responses:\s+(\d+)", out)
     if (failed and int(failed.group(1))) or non2xx:
-        print(f"  warning: {url}: failed {failed and failed.group(1)}, "
-              f"non-2xx {non2xx and non2xx.group(1)}")
+        print(
+            f"  warning: {url}: failed {failed and failed.group(1)}, "
+            f"non-2xx {non2xx and non2xx.group(1)}"
+        )
     m = re.search(r"Requests per second:\s+([\d.]+)", out)
     if not m:
         raise SystemExit(f"ab failed on {url}:\n{out}")
@@ -137,7 +141,9 @@ def main() -> None:
                         ab(target, max(200, n // 5), args.concurrency)  # warm-up
                         rps = ab(target, n, args.concurrency)
                         results.setdefault((workers, route), []).append(rps)
-                        print(f"round {r + 1}: {workers} worker(s) {route}: {rps:.0f} req/s")
+                        print(
+                            f"round {r + 1}: {workers} worker(s) {route}: {rps:.0f} req/s"
+                        )
                 finally:
                     stop(proc)
     print()

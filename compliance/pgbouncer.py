@@ -35,9 +35,14 @@ def main(argv: list[str]) -> int:
                 key = f"COMPLIANCE_URL_{driver.upper()}"
                 url = make_url(env[key]).set(host=bouncer.host, port=bouncer.port)
                 env[key] = url.render_as_string(hide_password=False)
-            print(f"compliance through PgBouncer {bouncer.host}:{bouncer.port} "
-                  f"(transaction mode) in front of PostgreSQL {pg.port}", flush=True)
-            return subprocess.call(["bash", os.path.join(HERE, "run.sh"), *argv], env=env)
+            print(
+                f"compliance through PgBouncer {bouncer.host}:{bouncer.port} "
+                f"(transaction mode) in front of PostgreSQL {pg.port}",
+                flush=True,
+            )
+            return subprocess.call(
+                ["bash", os.path.join(HERE, "run.sh"), *argv], env=env
+            )
 
 
 if __name__ == "__main__":

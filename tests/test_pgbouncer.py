@@ -109,8 +109,10 @@ class ThroughPgBouncerTests(PgBouncerTestCase):
 
         d = run_in_fiber(slow)
         wait_until(
-            lambda: any("pg_sleep" in (q or "") and s == "active"
-                        for _, s, q in self.server_backends()),
+            lambda: any(
+                "pg_sleep" in (q or "") and s == "active"
+                for _, s, q in self.server_backends()
+            ),
             what="the query running on the server",
         )
         d.cancel()

@@ -100,17 +100,28 @@ class SupervisorTests(FiberTestCase):
             return f.read()
 
     def worker_pids(self):
-        return [int(p) for p in re.findall(r"worker \d+ started \(pid (\d+)\)", self.log_text())]
+        return [
+            int(p)
+            for p in re.findall(r"worker \d+ started \(pid (\d+)\)", self.log_text())
+        ]
 
     def test_workers_share_a_port_restart_and_drain(self):
         proc = self.start(
-            "--workers", "2", "--pool-size", "3", "--max-overflow", "2",
-            "--listen", "tcp:0:interface=127.0.0.1",
+            "--workers",
+            "2",
+            "--pool-size",
+            "3",
+            "--max-overflow",
+            "2",
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
         )
 
         def serving():
             if proc.poll() is not None:
-                raise AssertionError(f"twistd exited ({proc.returncode}):\n{self.log_text()}")
+                raise AssertionError(
+                    f"twistd exited ({proc.returncode}):\n{self.log_text()}"
+                )
             return "all 2 workers serving" in self.log_text()
 
         wait_until(serving, timeout=120, interval=0.1, what="2 workers serving")
@@ -119,7 +130,8 @@ class SupervisorTests(FiberTestCase):
         # The bound is stated, and checked against the server's max_connections.
         self.assertIn(
             "2 worker(s) x (pool_size 3 + max_overflow 2) = at most 10 database "
-            "connections (the server allows", text
+            "connections (the server allows",
+            text,
         )
         pgdir = re.search(r"throwaway PostgreSQL running in (\S+)", text).group(1)
         # One throwaway server for everyone.
@@ -132,7 +144,13 @@ class SupervisorTests(FiberTestCase):
             pids = set()
             for _ in range(n):
                 body = http.get("/metrics").body.decode()
-                pids.add(int(re.search(r'klein_demo_worker_info\{worker="\d",pid="(\d+)"', body).group(1)))
+                pids.add(
+                    int(
+                        re.search(
+                            r'klein_demo_worker_info\{worker="\d",pid="(\d+)"', body
+                        ).group(1)
+                    )
+                )
             return pids
 
         first = set(self.worker_pids())
@@ -145,12 +163,20 @@ class SupervisorTests(FiberTestCase):
         # A worker killed outright is replaced.
         victim = sorted(first)[0]
         os.kill(victim, signal.SIGKILL)
-        wait_until(lambda: len(self.worker_pids()) == 3, timeout=60, interval=0.1,
-                   what="a new worker started")
+        wait_until(
+            lambda: len(self.worker_pids()) == 3,
+            timeout=60,
+            interval=0.1,
+            what="a new worker started",
+        )
         self.assertIn("was killed by SIGKILL; starting another", self.log_text())
         current = set(self.worker_pids()) - {victim}
-        wait_until(lambda: answering_pids(20) == current, timeout=60, interval=0.2,
-                   what="both workers (one new) answering")
+        wait_until(
+            lambda: answering_pids(20) == current,
+            timeout=60,
+            interval=0.2,
+            what="both workers (one new) answering",
+        )
 
         # SIGTERM: a request in flight finishes, then everything exits.
         slow = [http.start("GET", "/test?seconds=2") for _ in range(4)]
@@ -165,8 +191,12 @@ class SupervisorTests(FiberTestCase):
         for d in slow:
             r = await_deferred(d)
             self.assertEqual((r.code, r.json), (200, {"slept": 2.0}))
-        wait_until(lambda: proc.poll() is not None, timeout=90, interval=0.1,
-                   what="the supervisor exited")
+        wait_until(
+            lambda: proc.poll() is not None,
+            timeout=90,
+            interval=0.1,
+            what="the supervisor exited",
+        )
         output = self.log_text()
         self.assertIn(proc.returncode, (0, -signal.SIGTERM), output)
         self.assertNotIn("Traceback", output)
@@ -179,11 +209,19 @@ class SupervisorTests(FiberTestCase):
     def test_workers_that_cannot_start_stop_the_supervisor(self):
         # Nothing listens on port 1 of loopback: every worker fails at start.
         proc = self.start(
-            "--workers", "2", "--dsn", "postgresql://nobody@127.0.0.1:1/none",
-            "--listen", "tcp:0:interface=127.0.0.1",
+            "--workers",
+            "2",
+            "--dsn",
+            "postgresql://nobody@127.0.0.1:1/none",
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
         )
-        wait_until(lambda: proc.poll() is not None, timeout=90, interval=0.1,
-                   what="the supervisor exited")
+        wait_until(
+            lambda: proc.poll() is not None,
+            timeout=90,
+            interval=0.1,
+            what="the supervisor exited",
+        )
         output = self.log_text()
         self.assertEqual(proc.returncode, 1, output)
         self.assertIn("before serving (see its log above); giving up", output)

@@ -114,8 +114,7 @@ class ReplicaRouter:
                 if until is None:
                     reason = str(getattr(e, "orig", e)).strip().splitlines()
                     log.warn(
-                        "replica {url} unreachable, reads go elsewhere for "
-                        "{s}s: {why}",
+                        "replica {url} unreachable, reads go elsewhere for {s}s: {why}",
                         url=self._name(engine),
                         s=self.retry_interval,
                         why=reason[0] if reason else type(e).__name__,

@@ -294,7 +294,8 @@ def _describe_exit(value: BaseException) -> str:
 class WorkerSupervisor(MultiService):
     """
     Binds ``listen`` once and keeps ``workers`` processes running
-    ``command`` (an argument list for ``sys.executable``) that serve it.
+    ``command`` (an argument list for ``sys.executable``; ``{worker}`` in it
+    is replaced by the worker's number) that serve it.
 
     Child services (added with ``setServiceParent``) start before the
     workers and stop after them: a resource the workers share (a throwaway
@@ -373,7 +374,7 @@ class WorkerSupervisor(MultiService):
         elif not parent.get("nodaemon") or (logfile and logfile != "-"):
             # Each worker its own file: twistd rotates its log file, and
             # several processes rotating one file lose lines.
-            twistd.append(f"--logfile={logfile or 'twistd.log'}.worker")
+            twistd.append(f"--logfile={logfile or 'twistd.log'}.worker{{worker}}")
         command = [
             "-c",
             "import sys; from twisted.scripts.twistd import run; "
@@ -509,7 +510,10 @@ class WorkerSupervisor(MultiService):
         self.reactor.spawnProcess(
             worker,
             sys.executable,
-            [sys.executable, *self.command],
+            [
+                sys.executable,
+                *(a.replace("{worker}", str(index)) for a in self.command),
+            ],
             env=env,
             childFDs=child_fds,
         )

@@ -179,6 +179,9 @@ class TemporaryPgBouncer:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 cwd=self.directory,
+                # Its own session: a Ctrl-C meant for the caller's terminal
+                # does not cut PgBouncer from under the caller's clean-up.
+                start_new_session=True,
             )
             if self._wait_listening(port):
                 self.port = port
