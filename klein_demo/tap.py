@@ -51,7 +51,12 @@ from klein_demo.metrics import Metrics
 from klein_demo.models import create_schema, load_sample_data
 from txfiberdb.health import ReadinessProbe
 from txfiberdb.service import EngineService
-from txfiberdb.workers import WorkerOptions, listen, worker_index
+from txfiberdb.workers import (
+    WorkerOptions,
+    check_shareable,
+    listen,
+    worker_index,
+)
 
 
 def _first_line(error: BaseException) -> str:
@@ -200,8 +205,14 @@ class Options(WorkerOptions):
             # Parses the description without using the reactor (none may be
             # installed yet): the placeholder is only stored.
             serverFromString(object(), self["listen"])
-        except (ValueError, TypeError, KeyError) as e:
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            # OSError: an ssl: key or certificate file that cannot be read.
             raise usage.UsageError(f"--listen {self['listen']!r}: {e}") from None
+        if self["workers"] > 1:
+            try:
+                check_shareable(self["listen"])
+            except ValueError as e:
+                raise usage.UsageError(f"--workers {self['workers']}: {e}") from None
         if (
             self["slow-route-concurrency"] is not None
             and self["slow-route-concurrency"] < 1

@@ -44,6 +44,7 @@ class ExportTests(SynchronousTestCase):
                 "WorkerOptions",
                 "WorkerSupervisor",
                 "check_connection_budget",
+                "check_shareable",
                 "connection_budget",
                 "listen",
                 "serve_workers",

@@ -6,6 +6,7 @@ as real processes (supervisor, workers, one throwaway PostgreSQL), and
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +47,19 @@ class OptionsTests(SynchronousTestCase):
             message = str(caught.exception)
             self.assertTrue(message.startswith("--workers must be"), message)
             self.assertNotIn("Traceback", message)
+
+    def test_endpoints_that_cannot_be_shared_refused(self):
+        import twisted.test
+
+        pem = os.path.join(os.path.dirname(twisted.test.__file__), "server.pem")
+        ssl = f"ssl:8443:privateKey={pem}"
+        with self.assertRaises(usage.UsageError) as caught:
+            Options().parseOptions(["--workers", "2", "--listen", ssl])
+        self.assertIn("cannot be shared by worker processes", str(caught.exception))
+        # One process may use it; a key that cannot be read is a usage error.
+        Options().parseOptions(["--listen", ssl])
+        with self.assertRaises(usage.UsageError):
+            Options().parseOptions(["--listen", "ssl:8443:privateKey=/nonexistent.pem"])
 
     def test_good_worker_count(self):
         options = Options()
@@ -226,4 +240,76 @@ class SupervisorTests(FiberTestCase):
         self.assertEqual(proc.returncode, 1, output)
         self.assertIn("before serving (see its log above); giving up", output)
         self.assertNotIn("starting another", output)
+        self.assertEqual([p for p in self.worker_pids() if _alive(p)], [])
+
+    def test_an_address_that_cannot_be_bound_is_one_line(self):
+        path = "/" + "x" * 200 + "/s"  # longer than a unix socket path may be
+        proc = self.start("--workers", "2", "--listen", f"unix:{path}")
+        wait_until(
+            lambda: proc.poll() is not None,
+            timeout=90,
+            interval=0.1,
+            what="the supervisor exited",
+        )
+        output = self.log_text()
+        self.assertEqual(proc.returncode, 1, output)
+        self.assertIn("supervisor: cannot listen on unix:/xxx", output)
+        self.assertNotIn("Traceback", output)
+        self.assertEqual(self.worker_pids(), [])
+
+    def test_unix_socket_inherited_by_the_workers(self):
+        from .support import _create_database
+
+        dsn = _create_database()
+        import tempfile
+
+        directory = tempfile.mkdtemp(prefix="txw-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "s")
+        proc = self.start(
+            "--workers",
+            "2",
+            "--pool-size",
+            "2",
+            "--dsn",
+            dsn,
+            "--listen",
+            f"unix:{path}",
+        )
+        wait_until(
+            lambda: (
+                proc.poll() is not None or "all 2 workers serving" in self.log_text()
+            ),
+            timeout=120,
+            interval=0.1,
+            what="2 workers serving",
+        )
+        self.assertIsNone(proc.poll(), self.log_text())
+
+        def get(route):
+            # A blocking request on a unix socket, served by other processes.
+            import socket
+
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(30)
+                s.connect(path)
+                s.sendall(f"GET {route} HTTP/1.0\r\nHost: shop\r\n\r\n".encode())
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            return data.decode()
+
+        self.assertIn("200 OK", get("/products"))
+        pids = {
+            int(re.search(r'pid="(\d+)"', get("/metrics")).group(1)) for _ in range(10)
+        }
+        self.assertLessEqual(pids, set(self.worker_pids()))
+        proc.send_signal(signal.SIGTERM)
+        wait_until(
+            lambda: proc.poll() is not None,
+            timeout=90,
+            interval=0.1,
+            what="the supervisor exited",
+        )
+        self.assertNotIn("Traceback", self.log_text())
         self.assertEqual([p for p in self.worker_pids() if _alive(p)], [])

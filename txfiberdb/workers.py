@@ -74,6 +74,7 @@ __all__ = [
     "WorkerOptions",
     "WorkerSupervisor",
     "check_connection_budget",
+    "check_shareable",
     "connection_budget",
     "listen",
     "serve_workers",
@@ -397,14 +398,36 @@ class WorkerSupervisor(MultiService):
 
     def privilegedStartService(self) -> None:
         # Bound before twistd drops privileges: a port below 1024 works.
-        self._bind()
+        self._bind_or_give_up()
         super().privilegedStartService()
+
+    _failed = False
+
+    def _bind_or_give_up(self) -> None:
+        if self._failed:
+            return
+        try:
+            self._bind()
+        except Exception as e:
+            # Expected (a port in use, a path too long, no permission): one
+            # line, exit status 1.
+            from twisted.internet.error import CannotListenError
+
+            why = e.socketError if isinstance(e, CannotListenError) else e
+            log.error(
+                "supervisor: cannot listen on {listen}: {why}",
+                listen=self.listen,
+                why=getattr(why, "strerror", None) or str(why),
+            )
+            self._failed = True
+            self._give_up()
 
     def _bind(self) -> None:
         if self.port is not None or self._reuseport is not None:
             return
         from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 
+        check_shareable(self.listen)
         endpoint = serverFromString(self.reactor, self.listen)
         if isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
             six = isinstance(endpoint, TCP6ServerEndpoint)
@@ -474,7 +497,10 @@ class WorkerSupervisor(MultiService):
         return "unix"
 
     def startService(self) -> None:
-        self._bind()
+        self._bind_or_give_up()
+        if self._failed:
+            Service.startService(self)
+            return
         super().startService()  # shared resources first
         log.info(
             "supervisor: {n} worker(s) sharing {host} (--listen {listen})",
@@ -630,6 +656,36 @@ class WorkerSupervisor(MultiService):
             worker.transport.signalProcess("KILL")
         except Exception:
             pass
+
+
+def check_shareable(description: str) -> None:
+    """
+    Raise ValueError (saying what to use instead) unless ``description`` is
+    an endpoint the workers can share: ``tcp:``, ``tcp6:``, ``unix:`` or
+    ``systemd:``.  Others are refused, not passed on half-done: workers
+    adopting an ``ssl:`` socket would serve it without TLS.
+    """
+    from twisted.internet.endpoints import (
+        AdoptedStreamServerEndpoint,
+        TCP4ServerEndpoint,
+        TCP6ServerEndpoint,
+        UNIXServerEndpoint,
+    )
+
+    # Parsing only: the placeholder reactor is stored, not used.
+    endpoint = serverFromString(object(), description)
+    kinds = (
+        TCP4ServerEndpoint,
+        TCP6ServerEndpoint,
+        UNIXServerEndpoint,
+        AdoptedStreamServerEndpoint,
+    )
+    if not isinstance(endpoint, kinds):
+        raise ValueError(
+            f"{description!r} cannot be shared by worker processes: use a tcp:, "
+            f"tcp6:, unix: or systemd: endpoint (for TLS, terminate it in front "
+            f"of the workers, or run one process)"
+        )
 
 
 def serve_workers(
