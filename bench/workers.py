@@ -94,6 +94,66 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        except OSError:
+            pass
+    return total / TICK
+
+
+def measured(
+    url: str, n: int, c: int, workers: list[int], pg: list[int]
+) -> dict[str, float]:
+    """One ab run, and where the CPU went meanwhile (in cores)."""
+    import resource
+
+    busy0, total0 = machine_ticks()
+    w0, p0 = cpu_seconds(workers), cpu_seconds(pg)
+    ab0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    rps = ab(url, n, c)
+    wall = time.monotonic() - t0
+    ab1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy1, total1 = machine_ticks()
+    cores = os.cpu_count() or 1
+    return {
+        "rps": rps,
+        "machine": (busy1 - busy0) / max(1, total1 - total0) * cores,
+        "workers": (cpu_seconds(workers) - w0) / wall,
+        "postgres": (cpu_seconds(pg) - p0) / wall,
+        "ab": (ab1.ru_utime + ab1.ru_stime - ab0.ru_utime - ab0.ru_stime) / wall,
+    }
+
+
 def ab(url: str, n: int, c: int) -> float:
     out = subprocess.run(
         ["ab", "-q", "-n", str(n), "-c", str(c), url],
@@ -129,6 +189,7 @@ def main() -> None:
         "/test?seconds=0.1": max(200, args.concurrency * 10),
     }
     results: dict[tuple[int, str], list[float]] = {}
+    usage: dict[tuple[int, str], list[dict[str, float]]] = {}
     with TemporaryPostgres() as pg:
         url = pg.url().replace("+txpostgres", "")
         for r in range(args.rounds):
@@ -136,14 +197,18 @@ def main() -> None:
                 port = free_port()
                 proc = start(workers, url, port)
                 try:
+                    # The supervisor and its workers (with one, twistd is the worker).
+                    worker_pids = [proc.pid, *children(proc.pid)]
                     for route, n in routes.items():
                         target = f"http://127.0.0.1:{port}{route}"
                         ab(target, max(200, n // 5), args.concurrency)  # warm-up
-                        rps = ab(target, n, args.concurrency)
+                        pg_pids = pg._pids()  # backends opened by the warm-up too
+                        m = measured(target, n, args.concurrency, worker_pids, pg_pids)
+                        rps = m["rps"]
                         results.setdefault((workers, route), []).append(rps)
-                        print(
-                            f"round {r + 1}: {workers} worker(s) {route}: {rps:.0f} req/s"
-                        )
+                        usage.setdefault((workers, route), []).append(m)
+                        label = f"round {r + 1}: {workers} worker(s) {route}"
+                        print(f"{label}: {rps:.0f} req/s")
                 finally:
                     stop(proc)
     print()
@@ -154,6 +219,27 @@ def main() -> None:
         two = statistics.median(results[(2, route)])
         print(f"| `{route}` | {one:,.0f} | {two:,.0f} | {two / one:.2f}x |")
     print(f"\n(medians of {args.rounds} rounds, req/s; {os.cpu_count()} CPUs)")
+    print()
+    print("Where the CPU went during the measured runs (cores busy, medians):")
+    print()
+    print(
+        "| route | workers | machine | supervisor + workers | PostgreSQL | ab "
+        "| everything else |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for route in routes:
+        for workers in (1, 2):
+            runs = usage[(workers, route)]
+
+            def med(key: str, runs: list[dict[str, float]] = runs) -> float:
+                return statistics.median(r[key] for r in runs)
+
+            rest = med("machine") - med("workers") - med("postgres") - med("ab")
+            print(
+                f"| `{route}` | {workers} | {med('machine'):.2f} | "
+                f"{med('workers'):.2f} | {med('postgres'):.2f} | {med('ab'):.2f} "
+                f"| {max(rest, 0):.2f} |"
+            )
 
 
 if __name__ == "__main__":

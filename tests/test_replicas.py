@@ -98,6 +98,15 @@ class RoutingTests(ReplicaTestCase):
                 session.scalar(select(Note.body).where(Note.body == "mine")), "mine"
             )
 
+    def test_locking_reads_go_to_the_primary(self):
+        with self.db.read_sessionmaker() as session:
+            # A replica cannot lock rows: SELECT ... FOR UPDATE is a write.
+            session.execute(select(Note).with_for_update()).all()
+            self.assertIs(session.scalar(IN_RECOVERY), False)
+        with self.db.read_sessionmaker() as session:
+            session.execute(text("SELECT 1 FROM replicated_note FOR SHARE")).all()
+            self.assertIs(session.scalar(IN_RECOVERY), False)
+
     def test_a_read_only_route(self):
         app = Klein()
         routes = FiberRoutes(self.db, app)

@@ -136,11 +136,29 @@ class ReplicaRouter:
 
 
 def _reads(clause: Any) -> bool:
+    """Whether ``clause`` only reads (and may run on a replica)."""
     if isinstance(clause, Select):
-        return True
+        # SELECT ... FOR UPDATE/SHARE locks rows: the primary's business.
+        return clause._for_update_arg is None
     if isinstance(clause, TextClause):
-        words = clause.text.lstrip().split(None, 1)
-        return bool(words) and words[0].upper() in ("SELECT", "WITH", "SHOW", "VALUES")
+        sql = clause.text.lstrip()
+        words = sql.split(None, 1)
+        if not words or words[0].upper() not in ("SELECT", "WITH", "SHOW", "VALUES"):
+            return False
+        # A text WITH may hold a data-modifying CTE; FOR UPDATE/SHARE lock.
+        upper = sql.upper()
+        return not any(
+            word in upper
+            for word in (
+                " FOR UPDATE",
+                " FOR SHARE",
+                " FOR NO KEY",
+                " FOR KEY",
+                "INSERT ",
+                "UPDATE ",
+                "DELETE ",
+            )
+        )
     return False
 
 
