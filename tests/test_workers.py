@@ -61,6 +61,23 @@ class OptionsTests(SynchronousTestCase):
         with self.assertRaises(usage.UsageError):
             Options().parseOptions(["--listen", "ssl:8443:privateKey=/nonexistent.pem"])
 
+    def test_replica_options(self):
+        options = Options()
+        options.parseOptions(
+            ["--replica", "postgresql://r1/shop", "--replica", "host=r2 dbname=shop"]
+        )
+        self.assertEqual(
+            options["replica-urls"],
+            [
+                "postgresql+txpostgres://r1/shop",
+                "postgresql+txpostgres://r2/shop",
+            ],
+        )
+        with self.assertRaises(usage.UsageError) as caught:
+            Options().parseOptions(["--replica", "mysql://secret@r1/shop"])
+        self.assertIn("--replica: not a PostgreSQL URL", str(caught.exception))
+        self.assertNotIn("secret", str(caught.exception))
+
     def test_good_worker_count(self):
         options = Options()
         options.parseOptions(["--workers", "3", "--pool-size", "5"])
