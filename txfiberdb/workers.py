@@ -207,6 +207,33 @@ class _ParentWatch:
             self.reactor.stop()
 
 
+def _stop_once_on_signals(reactor: Any) -> None:
+    """
+    In a worker, the first SIGTERM or SIGINT stops the reactor (as Twisted's
+    own handlers do) and later ones are ignored: a worker may get the
+    supervisor's SIGTERM and one from its service manager (systemd's
+    ``KillMode=control-group``), and Twisted's handler, called twice, logs a
+    ``ReactorNotRunning`` traceback.
+    """
+    import signal as _signal
+
+    if not hasattr(reactor, "sigTerm"):
+        return
+    seen: list[int] = []
+
+    def handler(number: int, frame: Any) -> None:
+        if seen:
+            return
+        seen.append(number)
+        if number == _signal.SIGINT:
+            reactor.sigInt(number, frame)
+        else:
+            reactor.sigTerm(number, frame)
+
+    _signal.signal(_signal.SIGTERM, handler)
+    _signal.signal(_signal.SIGINT, handler)
+
+
 def _reuseport_socket(family: int, host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -242,6 +269,7 @@ def listen(reactor: Any, description: str, factory: Factory) -> Deferred[Any]:
         os.close(int(fd_text))  # adoptStreamPort keeps a duplicate
     watch = _ParentWatch(reactor, 0)
     reactor.addReader(watch)
+    _stop_once_on_signals(reactor)
     status = os.environ.pop(_ENV_STATUS_FD, "")
     if status.isdigit():
         try:
@@ -378,7 +406,11 @@ class WorkerSupervisor(MultiService):
             twistd.append(f"--logfile={logfile or 'twistd.log'}.worker{{worker}}")
         command = [
             "-c",
-            "import sys; from twisted.scripts.twistd import run; "
+            # A process group of its own: a Ctrl-C meant for the terminal's
+            # foreground group reaches the supervisor only, which stops the
+            # workers itself.
+            "import os, sys; os.setpgid(0, 0); "
+            "from twisted.scripts.twistd import run; "
             "sys.argv[0] = 'twistd'; run()",
             *twistd,
             plugin,
