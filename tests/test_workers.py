@@ -330,3 +330,36 @@ class SupervisorTests(FiberTestCase):
         )
         self.assertNotIn("Traceback", self.log_text())
         self.assertEqual([p for p in self.worker_pids() if _alive(p)], [])
+
+    def test_workers_stop_when_the_supervisor_is_killed(self):
+        from .support import _create_database
+
+        proc = self.start(
+            "--workers",
+            "2",
+            "--pool-size",
+            "2",
+            "--dsn",
+            _create_database(),
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+        )
+        wait_until(
+            lambda: (
+                proc.poll() is not None or "all 2 workers serving" in self.log_text()
+            ),
+            timeout=120,
+            interval=0.1,
+            what="2 workers serving",
+        )
+        self.assertIsNone(proc.poll(), self.log_text())
+        pids = self.worker_pids()
+        proc.kill()  # SIGKILL: no clean-up in the supervisor at all
+        proc.wait()
+        wait_until(
+            lambda: not any(_alive(p) for p in pids),
+            timeout=90,
+            interval=0.1,
+            what="the orphaned workers exited",
+        )
+        self.assertEqual(self.log_text().count("the supervisor is gone"), 2)

@@ -191,16 +191,17 @@ class _ParentWatch:
         if not data:
             from twisted.internet.main import CONNECTION_DONE
 
-            self.eof = True
             return CONNECTION_DONE
         return None
 
-    eof = False
-
     def connectionLost(self, reason: Any) -> None:
-        # Also called when this worker's reactor shuts down (it disconnects
-        # every reader): only the pipe's end means the supervisor is gone.
-        if not self.eof:
+        # The pipe's end (read as end of file, or the poller's hang-up) is a
+        # ConnectionDone; this worker's own shutdown disconnects every
+        # reader with ConnectionLost: only the first means the supervisor
+        # is gone.
+        from twisted.internet.error import ConnectionDone
+
+        if not reason.check(ConnectionDone):
             return
         log.warn("worker {n}: the supervisor is gone; shutting down", n=worker_index())
         if self.reactor.running:
