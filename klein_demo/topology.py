@@ -71,6 +71,8 @@ def _pg_stop(record: dict[str, Any]) -> None:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -97,6 +99,22 @@ def _terminate(pid: int, timeout: float) -> bool:
     return True
 
 
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _read_pid(pidfile: str) -> int:
+    try:
+        with open(pidfile) as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -119,6 +137,12 @@ def start(args: argparse.Namespace) -> int:
         print("--port must be from 0 to 65535", file=sys.stderr)
         return 2
     port = args.port or _free_port()
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as e:
+            print(f"topology: port {port} is not free: {e.strerror}", file=sys.stderr)
+            return 1
     os.makedirs(state, exist_ok=True)
     record: dict[str, Any] = {"state": state}
     made: list[Any] = []
@@ -184,7 +208,10 @@ def start(args: argparse.Namespace) -> int:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the demo did not become ready; see {log}")
+                raise RuntimeError("the demo did not become ready:\n" + _tail(log))
+            pid = _read_pid(pidfile)
+            if pid and not _alive(pid):
+                raise RuntimeError("the demo exited:\n" + _tail(log))
             time.sleep(0.2)
         # The schema and sample data were written on the primary just now:
         # serve the URLs once the replica has them too.
