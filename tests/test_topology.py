@@ -99,3 +99,17 @@ class TopologyTests(TestCase):
         self.assertEqual(result.returncode, 1)
         self.assertIn("no topology running", result.stderr)
         self.assertNotIn("Traceback", result.stderr)
+
+    def test_a_port_in_use_is_refused_before_anything_starts(self):
+        import socket
+
+        state = os.path.abspath(self.mktemp())
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            result = self.topology("start", "--port", str(port), "--state", state)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(f"port {port} is not free", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertFalse(os.path.exists(os.path.join(state, "topology.json")))
