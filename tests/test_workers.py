@@ -94,10 +94,13 @@ class OptionsTests(SynchronousTestCase):
         self.assertIsNone(connection_budget(2, 5, -1)[0])
 
 
-class SupervisorTests(FiberTestCase):
-    """The demo under twistd with --workers 2: real processes, real sockets."""
+class TwistdTestCase(FiberTestCase):
+    """Starts ``twistd -n PLUGIN ...`` and cleans up after it (no tests here)."""
 
     def start(self, *args):
+        return self.start_plugin("klein-demo", *args)
+
+    def start_plugin(self, plugin, *args):
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         workdir = self.mktemp()
         os.makedirs(workdir)
@@ -108,7 +111,7 @@ class SupervisorTests(FiberTestCase):
         env.pop("DATABASE_URL", None)
         with open(self.log_path, "wb") as log_file:
             proc = subprocess.Popen(
-                [twistd, "-n", "--pidfile=", "klein-demo", *args],
+                [twistd, "-n", "--pidfile=", plugin, *args],
                 cwd=workdir,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -135,6 +138,10 @@ class SupervisorTests(FiberTestCase):
             int(p)
             for p in re.findall(r"worker \d+ started \(pid (\d+)\)", self.log_text())
         ]
+
+
+class SupervisorTests(TwistdTestCase):
+    """The demo under twistd with --workers 2: real processes, real sockets."""
 
     def test_workers_share_a_port_restart_and_drain(self):
         proc = self.start(
@@ -363,3 +370,113 @@ class SupervisorTests(FiberTestCase):
             what="the orphaned workers exited",
         )
         self.assertEqual(self.log_text().count("the supervisor is gone"), 2)
+
+
+PLUGIN_MODULE = """
+import os
+
+from twisted.application.service import Service
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from txfiberdb.workers import WorkerOptions, listen, serve_workers
+
+
+class Options(WorkerOptions):
+    optParameters = [["listen", "l", "tcp:8080", "Where to listen."]]
+
+
+class Pid(Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        return str(os.getpid()).encode()
+
+
+class Hello(Service):
+    def __init__(self, description):
+        self.description = description
+        self.port = None
+
+    def startService(self):
+        super().startService()
+        from twisted.internet import reactor
+
+        listen(reactor, self.description, Site(Pid())).addCallback(
+            lambda port: setattr(self, "port", port)
+        )
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+
+
+def makeService(options):
+    return serve_workers(options, lambda o: Hello(o["listen"]))
+"""
+
+PLUGIN_DROPIN = """
+from twisted.application.service import ServiceMaker
+
+hello = ServiceMaker("hello-workers", "hello_workers", "pids", "hello-workers")
+"""
+
+
+class OwnPluginTests(TwistdTestCase):
+    """A user's own twistd plugin gets --workers from txfiberdb.workers alone."""
+
+    def test_own_plugin(self):
+        import socket
+        import tempfile
+        import urllib.request
+
+        root = tempfile.mkdtemp(prefix="txw-plugin-")
+        self.addCleanup(shutil.rmtree, root, True)
+        os.makedirs(os.path.join(root, "twisted", "plugins"))
+        with open(os.path.join(root, "hello_workers.py"), "w") as f:
+            f.write(PLUGIN_MODULE)
+        with open(
+            os.path.join(root, "twisted", "plugins", "hello_dropin.py"), "w"
+        ) as f:
+            f.write(PLUGIN_DROPIN)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        old = os.environ.get("PYTHONPATH", "")
+        os.environ["PYTHONPATH"] = root + (os.pathsep + old if old else "")
+        try:
+            proc = self.start_plugin(
+                "hello-workers",
+                "--workers",
+                "2",
+                "--listen",
+                f"tcp:{port}:interface=127.0.0.1",
+            )
+        finally:
+            os.environ["PYTHONPATH"] = old
+        wait_until(
+            lambda: (
+                proc.poll() is not None or "all 2 workers serving" in self.log_text()
+            ),
+            timeout=120,
+            interval=0.1,
+            what="2 workers serving",
+        )
+        self.assertIsNone(proc.poll(), self.log_text())
+
+        def pid():
+            # Blocking, against other processes: a new connection each time.
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
+                return int(r.read())
+
+        self.assertEqual({pid() for _ in range(40)}, set(self.worker_pids()))
+        proc.send_signal(signal.SIGTERM)
+        wait_until(
+            lambda: proc.poll() is not None,
+            timeout=90,
+            interval=0.1,
+            what="the supervisor exited",
+        )
+        self.assertNotIn("Traceback", self.log_text())
+        self.assertEqual([p for p in self.worker_pids() if _alive(p)], [])
