@@ -149,6 +149,25 @@ class FailoverTests(ReplicaTestCase):
         wait_until(on_replica, what="reads back on the replica")
         self.assertEqual(self.db.router.replicas_down(), 0)
 
+    def test_plain_engines_without_the_service(self):
+        from sqlalchemy import create_engine
+        from sqlalchemy.orm import sessionmaker
+
+        from txfiberdb import ReplicaRouter, RoutingSession
+
+        primary = create_engine(self.primary.url(), pool_size=1)
+        replica = create_engine(self.replica.url(), pool_size=1)
+        self.addCleanup(primary.dispose)
+        self.addCleanup(replica.dispose)
+        router = ReplicaRouter(primary, [replica])
+        Reading = sessionmaker(class_=RoutingSession, router=router, read_only=True)
+        Writing = sessionmaker(class_=RoutingSession, router=router)
+        with Reading() as session:
+            self.assertIs(session.scalar(IN_RECOVERY), True)
+        with Writing() as session:
+            self.assertIs(session.scalar(IN_RECOVERY), False)
+        self.assertEqual(router.stats["replica"], 1)
+
     def test_no_replicas_reads_on_the_primary(self):
         db = EngineService(self.primary.url(), pool_size=1)
         db.startService()
