@@ -7,6 +7,7 @@
     twistd -n klein-demo [--listen tcp:8080] [--dsn URL] [--pool-size N]
                          [--max-overflow N] [--pool-timeout S]
                          [--grace-period S] [--sample-data] [--echo]
+                         [--workers N] [--replica URL ...]
 
 With no ``--dsn`` it starts a throwaway PostgreSQL server of its own
 (:class:`txfiberdb.testing.TemporaryPostgres`: system PostgreSQL binaries or
@@ -23,6 +24,11 @@ ordinary, blocking-looking SQLAlchemy calls), and only then does the service
 listen, so no request ever sees a half-made schema.  (Listening after
 start-up means after privileges are dropped: for a port below 1024 use
 ``authbind`` or a systemd socket, ``--listen systemd:domain=INET:index=0``.)
+
+With ``--workers N`` a supervisor runs N such processes on one port
+(:mod:`txfiberdb.workers`, :mod:`klein_demo.workers`); with ``--replica`` the
+GET routes read on streaming replicas (:mod:`txfiberdb.replicas`).  See
+doc/howto/deployment.md.
 
 Shutdown (Ctrl-C, SIGTERM): stop listening, let the requests in flight
 finish (up to ``--grace-period`` seconds, then cancel them), dispose of the
@@ -385,7 +391,7 @@ class ShopService(MultiService):
                         log.info("sample data loaded")
 
     def _listen(self) -> Deferred[Any]:
-        # In a worker of --workers N: the supervisor's socket, inherited.
+        # In a worker of --workers N: the address the supervisor shares.
         return listen(self.reactor, self.listen, self.site)
 
     def _serving(self, port: Any) -> None:
