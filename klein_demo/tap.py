@@ -187,10 +187,7 @@ class Options(WorkerOptions):
         self["replicas"] = []
 
     def opt_replica(self, dsn: str) -> None:
-        """
-        A streaming replica (URL or DSN) for the read-only routes (GET);
-        repeat for several.  Unreachable replicas: reads go to the primary.
-        """
+        """A streaming replica (URL or DSN) for the GET routes; repeatable."""
         self["replicas"].append(dsn)
 
     def postOptions(self) -> None:
