@@ -94,6 +94,31 @@ class OptionsTests(SynchronousTestCase):
         self.assertIsNone(connection_budget(2, 5, -1)[0])
 
 
+class BackoffTests(FiberTestCase):
+    def test_a_worker_that_dies_at_once_is_restarted_ever_later(self):
+        from txfiberdb.workers import WorkerSupervisor
+
+        supervisor = WorkerSupervisor(
+            ["-c", "import sys; sys.exit(3)"],
+            "tcp:0:interface=127.0.0.1",
+            1,
+            min_restart_delay=0.01,
+            max_restart_delay=0.08,
+            exit_on_failure=False,
+        )
+        supervisor.privilegedStartService()
+        supervisor.startService()
+        try:
+            wait_until(lambda: supervisor.restarts >= 6, what="six restarts")
+        finally:
+            await_deferred(supervisor.stopService())
+        # Doubling from the minimum up to the maximum: never a tight loop.
+        self.assertEqual(
+            supervisor.restart_delays[:6], [0.01, 0.02, 0.04, 0.08, 0.08, 0.08]
+        )
+        self.assertEqual(supervisor.running_workers, {})
+
+
 class TwistdTestCase(FiberTestCase):
     """Starts ``twistd -n PLUGIN ...`` and cleans up after it (no tests here)."""
 

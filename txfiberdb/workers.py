@@ -372,6 +372,8 @@ class WorkerSupervisor(MultiService):
         self._backlog = 50
         self.running_workers: dict[int, _Worker] = {}
         self.restarts = 0
+        #: The delay before each restart so far (seconds), oldest first.
+        self.restart_delays: list[float] = []
         self._delays: dict[int, float] = {}
         self._timers: dict[int, Any] = {}
         self._ever_ready = False
@@ -617,6 +619,7 @@ class WorkerSupervisor(MultiService):
             delay = min(max(delay, self.min_restart_delay), self.max_restart_delay)
             self._delays[worker.index] = delay
         self.restarts += 1
+        self.restart_delays.append(delay)
         log.warn(
             "worker {i} (pid {pid}) {how}; starting another in {delay}s",
             i=worker.index,
