@@ -22,6 +22,7 @@ $(STAMP): setup.py pyproject.toml
 test: $(STAMP)
 	$(PY) -m twisted.trial tests
 	PYTHON=$(abspath $(PY)) bash compliance/run.sh
+	PYTHON=$(abspath $(PY)) $(PY) compliance/pgbouncer.py --if-available
 	$(PY) -m pytest tests
 
 # The suite (trial, then pytest) on another Python; SQLAlchemy's compliance

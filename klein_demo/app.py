@@ -2,7 +2,9 @@
 """
 The shop's HTTP API: Klein routes over the models of :mod:`klein_demo.models`.
 
-Every database route is ordinary synchronous SQLAlchemy code; txfiberdb runs
+The GET routes are declared ``read_only``: with ``--replica`` they read on a
+streaming replica (on the primary once they write, or when no replica
+answers).  Every database route is ordinary synchronous SQLAlchemy code; txfiberdb runs
 each request in a fiber with a Session of its own (committed when the route
 returns, rolled back when it raises) and turns errors into JSON answers.
 
@@ -45,7 +47,8 @@ GET     /health/ready                    readiness: 200 when the database
                                          answers (own connection, 1 s bound,
                                          1 s cache), else 503 with the reason
 GET     /health                          readiness with pool figures
-GET     /metrics                         Prometheus text format
+GET     /metrics                         Prometheus text format (this
+                                         worker's, with --workers N)
 ======  ===============================  =====================================
 """
 
@@ -228,7 +231,7 @@ def make_app(
 
     # -- products -----------------------------------------------------------
 
-    @routes.route("/products", methods=["GET"])
+    @routes.route("/products", methods=["GET"], read_only=True)
     def list_products(request: Any, session: Session) -> Any:
         limit, offset = page(request)
         q = query_text(request, "q")
@@ -264,7 +267,7 @@ def make_app(
             "offset": offset,
         }
 
-    @routes.route("/products/<int:product_id>", methods=["GET"])
+    @routes.route("/products/<int:product_id>", methods=["GET"], read_only=True)
     def get_product(request: Any, session: Session, product_id: int) -> Any:
         return product_json(load_product(session, product_id))
 
@@ -331,7 +334,7 @@ def make_app(
 
     # -- customers ----------------------------------------------------------
 
-    @routes.route("/customers", methods=["GET"])
+    @routes.route("/customers", methods=["GET"], read_only=True)
     def list_customers(request: Any, session: Session) -> Any:
         limit, offset = page(request)
         total = session.scalar(select(func.count()).select_from(Customer))
@@ -364,7 +367,7 @@ def make_app(
             raise NotFound(f"no customer {customer_id}")
         return customer
 
-    @routes.route("/customers/<int:customer_id>", methods=["GET"])
+    @routes.route("/customers/<int:customer_id>", methods=["GET"], read_only=True)
     def get_customer(request: Any, session: Session, customer_id: int) -> Any:
         customer = load_customer(session, customer_id)
         body = customer_json(customer)
@@ -375,7 +378,9 @@ def make_app(
         )
         return body
 
-    @routes.route("/customers/<int:customer_id>/orders", methods=["GET"])
+    @routes.route(
+        "/customers/<int:customer_id>/orders", methods=["GET"], read_only=True
+    )
     def customer_orders(request: Any, session: Session, customer_id: int) -> Any:
         limit, offset = page(request)
         load_customer(session, customer_id)
@@ -487,7 +492,7 @@ def make_app(
         created(request, f"/orders/{order.id}")
         return order_json(order)
 
-    @routes.route("/orders/<int:order_id>", methods=["GET"])
+    @routes.route("/orders/<int:order_id>", methods=["GET"], read_only=True)
     def get_order(request: Any, session: Session, order_id: int) -> Any:
         check_id(order_id, "order")
         order = session.get(Order, order_id)
@@ -566,7 +571,7 @@ def make_app(
     def metrics_route(request: Any) -> Any:
         started = _now()
         request.setHeader(b"content-type", CONTENT_TYPE)
-        body = metrics.render(db.engine, db.inflight)
+        body = metrics.render(db.engine, db.inflight, router=db.router)
         metrics.observe("metrics", 200, _now() - started)
         return body.encode("utf-8")
 

@@ -8,11 +8,13 @@ client library needed: the format is a few lines of text.
 from __future__ import annotations
 
 import bisect
+import os
 import time
 from collections import defaultdict
 from typing import Any, Optional
 
 from txfiberdb import listener_stats, pool_stats
+from txfiberdb.workers import worker_index
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -151,7 +153,10 @@ class Metrics:
         entry[1] += seconds
 
     def render(
-        self, engine: Optional[Any] = None, inflight: Optional[int] = None
+        self,
+        engine: Optional[Any] = None,
+        inflight: Optional[int] = None,
+        router: Optional[Any] = None,
     ) -> str:
         out: list[str] = []
 
@@ -202,10 +207,37 @@ class Metrics:
             for key, metric, kind, help_ in _LISTENER_METRICS:
                 head(metric, kind, help_)
                 out.append(f"{metric} {_num(int(live[key]))}")
+        if router is not None and router.replicas:
+            head(
+                "txfiberdb_reads_total",
+                "counter",
+                "Read-only Sessions by where they read: replica, primary (no "
+                "replica configured) or fallback (no replica answered).",
+            )
+            for target in ("replica", "primary", "fallback"):
+                out.append(
+                    f'txfiberdb_reads_total{{target="{target}"}} {router.stats[target]}'
+                )
+            head(
+                "txfiberdb_replicas_down",
+                "gauge",
+                "Replicas set aside now (their last connection attempt failed).",
+            )
+            out.append(f"txfiberdb_replicas_down {router.replicas_down()}")
         head(
             "klein_demo_start_time_seconds",
             "gauge",
             "When the service started (Unix time).",
         )
         out.append(f"klein_demo_start_time_seconds {_num(self.started)}")
+        # Per process: with --workers N each scrape is answered by one worker.
+        head(
+            "klein_demo_worker_info",
+            "gauge",
+            "The process that answered: its worker number (0: no supervisor) and pid.",
+        )
+        out.append(
+            f'klein_demo_worker_info{{worker="{worker_index() or 0}",'
+            f'pid="{os.getpid()}"}} 1'
+        )
         return "\n".join(out) + "\n"

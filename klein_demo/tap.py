@@ -7,6 +7,7 @@
     twistd -n klein-demo [--listen tcp:8080] [--dsn URL] [--pool-size N]
                          [--max-overflow N] [--pool-timeout S]
                          [--grace-period S] [--sample-data] [--echo]
+                         [--workers N] [--replica URL ...]
 
 With no ``--dsn`` it starts a throwaway PostgreSQL server of its own
 (:class:`txfiberdb.testing.TemporaryPostgres`: system PostgreSQL binaries or
@@ -26,6 +27,11 @@ listen, so no request ever sees a half-made schema.  (Listening after
 start-up means after privileges are dropped: for a port below 1024 use
 ``authbind`` or a systemd socket, ``--listen systemd:domain=INET:index=0``.)
 
+With ``--workers N`` a supervisor runs N such processes on one port
+(:mod:`txfiberdb.workers`, :mod:`klein_demo.workers`); with ``--replica`` the
+GET routes read on streaming replicas (:mod:`txfiberdb.replicas`).  See
+doc/howto/deployment.md.
+
 Shutdown (Ctrl-C, SIGTERM): stop listening, let the requests in flight
 finish (up to ``--grace-period`` seconds, then cancel them), dispose of the
 pool, stop the throwaway server.
@@ -39,7 +45,9 @@ from typing import Any, Optional
 
 import psycopg2
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
@@ -52,6 +60,12 @@ from klein_demo.models import load_sample_data
 from txfiberdb.health import ReadinessProbe
 from txfiberdb.logs import route_stdlib_logging
 from txfiberdb.service import EngineService
+from txfiberdb.workers import (
+    WorkerOptions,
+    check_shareable,
+    listen,
+    worker_index,
+)
 
 
 def _first_line(error: BaseException) -> str:
@@ -91,7 +105,7 @@ def to_url(dsn: str) -> str:
     )
 
 
-class Options(usage.Options):
+class Options(WorkerOptions):
     synopsis = "[options]"
     longdesc = (
         "A small shop (products, customers, orders) served by Klein, with "
@@ -177,7 +191,20 @@ class Options(usage.Options):
         ],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["replicas"] = []
+
+    def opt_replica(self, dsn: str) -> None:
+        """A streaming replica (URL or DSN) for the GET routes; repeatable."""
+        self["replicas"].append(dsn)
+
     def postOptions(self) -> None:
+        try:
+            self["replica-urls"] = [to_url(r) for r in self["replicas"]]
+        except Exception as e:
+            # Never the DSN itself in the message: it may hold a password.
+            raise usage.UsageError(f"--replica: {e}") from None
         if self["pool-size"] < 1:
             raise usage.UsageError("--pool-size must be at least 1")
         if self["max-overflow"] < -1:
@@ -190,8 +217,14 @@ class Options(usage.Options):
             # Parses the description without using the reactor (none may be
             # installed yet): the placeholder is only stored.
             serverFromString(object(), self["listen"])
-        except (ValueError, TypeError, KeyError) as e:
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            # OSError: an ssl: key or certificate file that cannot be read.
             raise usage.UsageError(f"--listen {self['listen']!r}: {e}") from None
+        if self["workers"] > 1:
+            try:
+                check_shareable(self["listen"])
+            except ValueError as e:
+                raise usage.UsageError(f"--workers {self['workers']}: {e}") from None
         if (
             self["slow-route-concurrency"] is not None
             and self["slow-route-concurrency"] < 1
@@ -262,6 +295,7 @@ class ShopService(MultiService):
         slow_route_concurrency: Optional[int] = None,
         log_sql_parameters: bool = False,
         heartbeat: float = 15.0,
+        replicas: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.migrate = migrate
@@ -278,6 +312,7 @@ class ShopService(MultiService):
             max_overflow=max_overflow,
             pool_timeout=pool_timeout,
             hide_parameters=not log_sql_parameters,
+            replicas=replicas,
         )
         self.db.setServiceParent(self)
         self.metrics = Metrics()
@@ -342,26 +377,30 @@ class ShopService(MultiService):
         """
         engine = self.db.engine
         assert engine is not None and self.db.sessionmaker is not None
-        if self.migrate or self.postgres is not None:
-            from klein_demo import migrations
+        with engine.begin() as connection:
+            # Several workers (--workers N, or several hosts) start at once:
+            # one at a time migrates the schema and loads the sample data.
+            connection.execute(text("SELECT pg_advisory_xact_lock(7468271)"))
+            if self.migrate or self.postgres is not None:
+                from klein_demo import migrations
 
-            with engine.begin() as connection:
                 before = migrations.current_revision(connection)
                 migrations.upgrade(connection)
                 after = migrations.current_revision(connection)
-            log.info(
-                "schema at revision {after} (was {before})",
-                after=after,
-                before=before or "empty",
-            )
-        if self.sample_data:
-            with self.db.sessionmaker.begin() as session:
-                if load_sample_data(session):
-                    log.info("sample data loaded")
+                log.info(
+                    "schema at revision {after} (was {before})",
+                    after=after,
+                    before=before or "empty",
+                )
+            if self.sample_data:
+                with Session(bind=connection) as session:
+                    if load_sample_data(session):
+                        session.flush()
+                        log.info("sample data loaded")
 
     def _listen(self) -> Deferred[Any]:
-        endpoint = serverFromString(self.reactor, self.listen)
-        return endpoint.listen(self.site)
+        # In a worker of --workers N: the address the supervisor shares.
+        return listen(self.reactor, self.listen, self.site)
 
     def _serving(self, port: Any) -> None:
         self._starting = None
@@ -455,7 +494,11 @@ class ShopService(MultiService):
 
 
 def makeService(options: Options) -> Service:
-    """The twistd plugin's entry point."""
+    """The twistd plugin's entry point (a supervisor with ``--workers N``)."""
+    if options["workers"] > 1 and worker_index() is None:
+        from klein_demo.workers import make_supervisor
+
+        return make_supervisor(options)
     service = ShopService(
         url=options["url"],
         listen=options["listen"],
@@ -469,6 +512,7 @@ def makeService(options: Options) -> Service:
         exit_on_failure=True,
         slow_route_concurrency=options["slow-route-concurrency"],
         log_sql_parameters=bool(options["log-sql-parameters"]),
+        replicas=tuple(options["replica-urls"]),
     )
     # twistd's own options (the parent of ours) name its pid file.
     service.pidfile = (getattr(options, "parent", None) or {}).get("pidfile") or None

@@ -18,6 +18,8 @@ class ExportTests(SynchronousTestCase):
                 "NotInFiberError",
                 "Notification",
                 "Subscription",
+                "ReplicaRouter",
+                "RoutingSession",
                 "WaitTimeout",
                 "await_deferred",
                 "current_fiber",
@@ -36,6 +38,34 @@ class ExportTests(SynchronousTestCase):
                 "sleep",
             ],
         )
+
+    def test_workers_replicas_and_testing(self):
+        import txfiberdb.replicas
+        import txfiberdb.testing
+        import txfiberdb.workers
+
+        self.assertEqual(
+            sorted(txfiberdb.workers.__all__),
+            [
+                "MAX_WORKERS",
+                "WorkerOptions",
+                "WorkerSupervisor",
+                "check_connection_budget",
+                "check_shareable",
+                "connection_budget",
+                "listen",
+                "serve_workers",
+                "worker_index",
+            ],
+        )
+        self.assertEqual(
+            sorted(txfiberdb.replicas.__all__), ["ReplicaRouter", "RoutingSession"]
+        )
+        for name in ["TemporaryPgBouncer", "TemporaryReplica", "find_pgbouncer"]:
+            self.assertIn(name, txfiberdb.testing.__all__)
+        for module in (txfiberdb.workers, txfiberdb.replicas, txfiberdb.testing):
+            for name in module.__all__:
+                self.assertTrue(hasattr(module, name), name)
 
     def test_names_exist(self):
         for name in txfiberdb.__all__:

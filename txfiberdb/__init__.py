@@ -28,6 +28,7 @@ from txfiberdb.notify import (
 )
 from txfiberdb.orm import fiber_scope, fiber_scoped_session
 from txfiberdb.pool import FiberQueuePool, pool_stats
+from txfiberdb.replicas import ReplicaRouter, RoutingSession
 
 __version__ = "0.1.0.dev0"
 
@@ -38,6 +39,8 @@ __all__ = [
     "NotInFiberError",
     "Notification",
     "Subscription",
+    "ReplicaRouter",
+    "RoutingSession",
     "WaitTimeout",
     "await_deferred",
     "current_fiber",

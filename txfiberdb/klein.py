@@ -315,6 +315,7 @@ class FiberRoutes:
         shield: bool = False,
         concurrency: Optional[int] = None,
         concurrency_timeout: float = 5.0,
+        read_only: bool = False,
         **kwargs: Any,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """
@@ -332,6 +333,7 @@ class FiberRoutes:
                 shield=shield,
                 concurrency=concurrency,
                 concurrency_timeout=concurrency_timeout,
+                read_only=read_only,
             )(f)
             self.app.route(url, *args, **kwargs)(wrapped)
             return wrapped
@@ -344,6 +346,7 @@ class FiberRoutes:
         shield: bool = False,
         concurrency: Optional[int] = None,
         concurrency_timeout: float = 5.0,
+        read_only: bool = False,
     ) -> Callable[[Callable[..., Any]], Callable[..., Deferred[Any]]]:
         """
         Decorate a Klein route handler (under ``@app.route``) to run in a
@@ -353,7 +356,10 @@ class FiberRoutes:
         is then dropped).  With ``concurrency``, at most that many requests
         of this route run at once; the others wait up to
         ``concurrency_timeout`` seconds for a turn (holding no connection),
-        then get a 503 (:exc:`RouteBusy`).
+        then get a 503 (:exc:`RouteBusy`).  With ``read_only``, the Session
+        reads on a replica of the service's (``EngineService(replicas=...)``;
+        the primary when there is none or none answers) until it writes:
+        then it reads and writes on the primary.
         """
         if concurrency is not None and concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
@@ -381,7 +387,7 @@ class FiberRoutes:
                         self._call,
                         f,
                         index + 1 if session else None,
-                        shield,
+                        (shield, read_only),
                         limit,
                         args,
                         kwargs,
@@ -404,7 +410,7 @@ class FiberRoutes:
         self,
         f: Callable[..., Any],
         session_index: Optional[int],
-        shielded: bool,
+        shielded: tuple[bool, bool],
         limit: Optional[tuple[DeferredSemaphore, float]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -427,15 +433,21 @@ class FiberRoutes:
         self,
         f: Callable[..., Any],
         session_index: Optional[int],
-        shielded: bool,
+        options: tuple[bool, bool],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
+        shielded, read_only = options
         with shield_block() if shielded else nullcontext():
             if session_index is None:
                 return f(*args, **kwargs)
-            assert self.service.sessionmaker is not None
-            session = self.service.sessionmaker()
+            maker = (
+                self.service.read_sessionmaker
+                if read_only and self.service.read_sessionmaker is not None
+                else self.service.sessionmaker
+            )
+            assert maker is not None
+            session = maker()
             args = args[:session_index] + (session,) + args[session_index + 1 :]
             try:
                 result = f(*args, **kwargs)

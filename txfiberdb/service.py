@@ -24,7 +24,7 @@ Life cycle:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, ParamSpec, TypeVar
 
 from sqlalchemy import create_engine
@@ -36,6 +36,7 @@ from twisted.logger import Logger
 
 from txfiberdb.fiber import on_fiber_exit, run_in_fiber
 from txfiberdb.notify import close_listener
+from txfiberdb.replicas import ReplicaRouter, RoutingSession
 
 __all__ = ["EngineService", "ServiceStopping"]
 
@@ -87,6 +88,17 @@ class EngineService(Service):
     .. attribute:: sessionmaker
 
         A ``sessionmaker`` bound to :attr:`engine`.
+
+    :param replicas: URLs of streaming replicas of the database.
+        :attr:`read_sessionmaker` makes Sessions that read on them (and
+        write, then read, on the primary); with no replicas, or none that
+        answers, they use the primary (:mod:`txfiberdb.replicas`).
+    :param replica_retry: seconds an unreachable replica is left aside.
+
+    .. attribute:: read_sessionmaker
+
+        A ``sessionmaker`` of :class:`~txfiberdb.replicas.RoutingSession`
+        with ``read_only=True``; :attr:`router` counts where reads went.
     """
 
     log = Logger()
@@ -97,9 +109,15 @@ class EngineService(Service):
         grace_period: float = 30.0,
         session_factory: Optional[Callable[..., sessionmaker[Session]]] = None,
         cancel_grace: float = 10.0,
+        replicas: Sequence[str] = (),
+        replica_retry: float = 5.0,
         **engine_kwargs: Any,
     ) -> None:
         self.url = url
+        self.replicas = list(replicas)
+        self.replica_retry = replica_retry
+        self.router: Optional[ReplicaRouter] = None
+        self.read_sessionmaker: Optional[sessionmaker[Session]] = None
         self.grace_period = grace_period
         self.cancel_grace = cancel_grace
         engine_kwargs.setdefault("hide_parameters", True)
@@ -116,6 +134,14 @@ class EngineService(Service):
     def startService(self) -> None:
         self.engine = create_engine(self.url, **self.engine_kwargs)
         self.sessionmaker = self._session_factory(self.engine)
+        self.router = ReplicaRouter(
+            self.engine,
+            [create_engine(u, **self.engine_kwargs) for u in self.replicas],
+            retry_interval=self.replica_retry,
+        )
+        self.read_sessionmaker = sessionmaker(
+            class_=RoutingSession, router=self.router, read_only=True
+        )
         self.accepting = True
         super().startService()
         self.log.info(
@@ -265,6 +291,8 @@ class EngineService(Service):
         return self._stopping
 
     def _dispose(self) -> None:
+        if self.router is not None:
+            self.router.dispose()
         if self.engine is not None:
             self.engine.dispose()
             self.log.info("database engine disposed")

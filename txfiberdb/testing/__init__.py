@@ -9,7 +9,9 @@ Helpers for testing code that uses txfiberdb.
   fiber under pytest-twisted, :func:`fiber_fixture` for fixtures whose set-up
   and tear-down run in a fiber of their scope, and ``postgres_dsn``,
   ``postgres_url`` and ``fresh_database_dsn`` fixtures.
-- :class:`TemporaryPostgres`: a throwaway PostgreSQL server.
+- :class:`TemporaryPostgres`: a throwaway PostgreSQL server;
+  :class:`TemporaryPgBouncer`: a throwaway PgBouncer in front of one;
+  :class:`TemporaryReplica`: a streaming replica of one.
 - :func:`test_server`, :func:`create_database`, :func:`drop_database`: the
   server the tests of this process use (``$TXFIBERDB_TEST_DSN`` if set, else
   a :class:`TemporaryPostgres` started on first use and removed at exit), and
@@ -34,21 +36,31 @@ from twisted.trial import util as _trial_util
 from twisted.trial.unittest import TestCase
 
 from txfiberdb.fiber import _cancel_fiber, await_deferred, current_fiber, run_in_fiber
+from txfiberdb.testing._pgbouncer import (
+    PgBouncerUnavailable,
+    TemporaryPgBouncer,
+    find_pgbouncer,
+)
 from txfiberdb.testing._postgres import (
     PostgresUnavailable,
     TemporaryPostgres,
     find_postgres_bindir,
 )
+from txfiberdb.testing._replica import TemporaryReplica
 
 __all__ = [
     "ConnectionLeftOpen",
     "FiberTestCase",
+    "PgBouncerUnavailable",
     "PostgresUnavailable",
+    "TemporaryPgBouncer",
     "TemporaryPostgres",
+    "TemporaryReplica",
     "create_database",
     "drop_database",
     "dsn_to_url",
     "fiber_fixture",
+    "find_pgbouncer",
     "find_postgres_bindir",
     "test_server",
 ]

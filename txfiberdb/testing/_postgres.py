@@ -193,19 +193,7 @@ class TemporaryPostgres:
             os.chown(self.directory, entry.pw_uid, entry.pw_gid)
         atexit.register(self.stop)
         try:
-            self._run(
-                [
-                    "initdb",
-                    "-D",
-                    self.datadir,
-                    "-U",
-                    self.user,
-                    "--auth=trust",
-                    "--encoding=UTF8",
-                    "--locale=C",
-                    "--no-sync",
-                ]
-            )
+            self._initialise()
             last_error: Optional[Exception] = None
             for _attempt in range(5):
                 port = self.port or _free_port()
@@ -224,6 +212,22 @@ class TemporaryPostgres:
         except BaseException:
             self.stop()
             raise
+
+    def _initialise(self) -> None:
+        """Create the data directory (a replica copies its primary's instead)."""
+        self._run(
+            [
+                "initdb",
+                "-D",
+                self.datadir,
+                "-U",
+                self.user,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            ]
+        )
 
     def _pg_ctl_start(self, port: int) -> None:
         assert self.directory is not None
