@@ -63,7 +63,7 @@ $(DOCS_STAMP): $(STAMP)
 	touch $(DOCS_STAMP)
 
 docs: $(DOCS_STAMP)
-	$(PY) -m sphinx -W --keep-going -b html doc doc/_build/html
+	$(PY) -m sphinx -E -W --keep-going -b html doc doc/_build/html
 
 # The charts of doc/benchmarks.md: copy the measured tables of bench/README.md
 # (or FROM="web=saved-output.txt ...", a bench script's saved output) into
