@@ -94,8 +94,14 @@ class LogCapture:
 
     def __init__(self, testcase):
         self.events = []
-        globalLogPublisher.addObserver(self.events.append)
-        testcase.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        globalLogPublisher.addObserver(self.observe)
+        testcase.addCleanup(globalLogPublisher.removeObserver, self.observe)
+
+    def observe(self, event):
+        # The service's log only: not the lines of this test's own HTTP
+        # client, which runs in the same process (under twistd it would not).
+        if not event.get("log_namespace", "").startswith("twisted.web.client"):
+            self.events.append(event)
 
     def lines(self):
         return [formatEvent(e) for e in self.events]
