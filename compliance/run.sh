@@ -54,16 +54,29 @@ run txpostgres "$COMPLIANCE_URL_TXPOSTGRES" "$@"
 tx_rc=$?
 run psycopg2 "$COMPLIANCE_URL_PSYCOPG2" "$@"
 pg_rc=$?
+# Once more with auto-prepare at threshold 0: every statement the driver can
+# prepare goes through PREPARE/EXECUTE (doc/howto/performance.md).
+case "$COMPLIANCE_URL_TXPOSTGRES" in
+    *\?*) prepared_url="$COMPLIANCE_URL_TXPOSTGRES&prepare_threshold=0" ;;
+    *) prepared_url="$COMPLIANCE_URL_TXPOSTGRES?prepare_threshold=0" ;;
+esac
+run txpostgres-prepared "$prepared_url" "$@"
+tp_rc=$?
 
 summary() { tail -n 1 "$logs/$1.log"; }
 echo
 echo "=== summaries"
 echo "postgresql+txpostgres: $(summary txpostgres)   (pytest exit $tx_rc)"
 echo "postgresql+psycopg2:   $(summary psycopg2)   (pytest exit $pg_rc)"
+echo "postgresql+txpostgres, prepare_threshold=0: $(summary txpostgres-prepared)   (pytest exit $tp_rc)"
 cmp_rc=0
 if [ -s "$logs/psycopg2.xml" ] && [ -s "$logs/txpostgres.xml" ]; then
     "$PYTHON" compare.py "$logs/psycopg2.xml" "$logs/txpostgres.xml"
     cmp_rc=$?
+fi
+if [ -s "$logs/psycopg2.xml" ] && [ -s "$logs/txpostgres-prepared.xml" ]; then
+    echo "prepare_threshold=0:"
+    "$PYTHON" compare.py "$logs/psycopg2.xml" "$logs/txpostgres-prepared.xml" || cmp_rc=$?
 fi
 if [ "$pg_rc" -ne 0 ]; then
     echo "note: the psycopg2 reference run did not pass cleanly: a server or" \
@@ -73,6 +86,9 @@ echo "logs and junit reports: $logs"
 
 if [ "$tx_rc" -ne 0 ]; then
     exit "$tx_rc"
+fi
+if [ "$tp_rc" -ne 0 ]; then
+    exit "$tp_rc"
 fi
 if [ "$cmp_rc" -ne 0 ]; then
     exit 6

@@ -202,6 +202,16 @@ class IdleKillTests(DrillTestCase):
         """
         replies = self.get_all(["/products/1"] * 40, concurrency=20)
         self.assertEqual({r.code for r in replies}, {200})
+        # Requests that hold a connection for one round trip (background_end)
+        # rarely overlap: open a few connections at once for sure.
+        engine = self.shop.db.engine
+
+        def hold():
+            with engine.connect() as c:
+                c.exec_driver_sql("SELECT 1")
+                sleep(0.05)
+
+        await_deferred(gatherResults([run_in_fiber(hold) for _ in range(5)]))
         opened = self.backends()
         self.assertGreater(opened, 1)
         self.assertEqual(self.kill_backends(), opened)

@@ -45,12 +45,14 @@ What still differs from psycopg2, and why: doc/howto/driver.md.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import re
 import select
 import socket
 import sys
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
@@ -238,6 +240,276 @@ _cancel_helpers = DeferredSemaphore(CANCEL_HELPERS)
 
 _COPY_HINT = re.compile("copy", re.IGNORECASE).search
 
+# A statement that reads (background_end): its command tag, and its text.
+_READ_TAGS = ("SELECT", "FETCH", "MOVE", "SHOW")
+_READ_STATEMENT = re.compile(
+    r"\s*(?:SELECT|VALUES|TABLE|SHOW|FETCH|MOVE)\b", re.I
+).match
+_INTO = re.compile(r"\bINTO\b", re.I).search
+
+
+#: Prepared statements a connection keeps by default (``prepared_max``).
+DEFAULT_PREPARED_MAX = 100
+
+# Statements PREPARE accepts, sent as one statement.
+_PREPARABLE = re.compile(
+    r"\s*(?:SELECT|INSERT|UPDATE|DELETE|VALUES|WITH|TABLE|MERGE)\b", re.I
+).match
+# psycopg2's placeholders: %s, %(name)s, and %% for a literal %.
+_PLACEHOLDER = re.compile(r"%(?:\(([^)]*)\))?(.)", re.S)
+_DOLLAR_PARAM = re.compile(r"\$\d").search
+# Statements after which the server's prepared statements may be gone.
+_DROPS_PREPARED = re.compile(r"\b(?:DISCARD|DEALLOCATE)\b", re.I).search
+# Unique to this process among all clients of a server (or of a pooler that
+# hands one server connection to several clients): a statement name never
+# runs another client's statement.
+_PROCESS_TOKEN = f"{os.getpid():x}{os.urandom(3).hex()}"
+_connection_serial = 0
+
+
+def _int_type(value: int) -> str:
+    """The type PostgreSQL gives the literal psycopg2 writes for an int."""
+    # The parser folds a minus sign into the constant: -2147483648 is int4.
+    if -2147483648 <= value <= 2147483647:
+        return "int4"
+    if -9223372036854775808 <= value <= 9223372036854775807:
+        return "int8"
+    return "numeric"
+
+
+def _decimal_type(value: Any) -> str:
+    if not value.is_finite():
+        return "numeric!"  # 'NaN'::numeric
+    if not any(c in str(value) for c in ".eE"):
+        return _int_type(int(value))  # psycopg2 writes "5": an integer literal
+    return "numeric"
+
+
+def _float_type(value: float) -> str:
+    # psycopg2 writes repr(): "1.5" is a numeric literal; inf/nan are cast.
+    return "numeric" if value - value == 0 else "float8!"
+
+
+def _datetime_type(value: Any) -> str:
+    return "timestamp!" if value.tzinfo is None else "timestamptz!"
+
+
+def _time_type(value: Any) -> str:
+    return "time!" if value.tzinfo is None else "timetz!"
+
+
+def _param_types() -> dict[type, Any]:
+    import datetime
+    import decimal
+    import uuid
+
+    return {
+        str: "unknown",  # a quoted literal: its type comes from where it is used
+        type(None): "unknown",
+        bool: "bool",  # "true": a cast before PostgreSQL 15 (see build())
+        int: _int_type,
+        float: _float_type,
+        decimal.Decimal: _decimal_type,
+        bytes: "bytea!",
+        bytearray: "bytea!",
+        memoryview: "bytea!",
+        datetime.datetime: _datetime_type,
+        datetime.date: "date!",
+        datetime.time: _time_type,
+        datetime.timedelta: "interval!",
+        uuid.UUID: "uuid!",
+        psycopg2.extras.Json: "unknown",
+    }
+
+
+# Parameter types whose psycopg2 literal has a type PREPARE can declare, so
+# that a prepared statement resolves operators and result types exactly as
+# the literal would.  Parameters of any other type run unprepared.
+_PARAM_TYPES = _param_types()
+
+
+class _Prepared:
+    """A statement prepared on one connection."""
+
+    __slots__ = ("name", "execute", "names")
+
+    def __init__(self, name: str, execute: str, names: Optional[tuple[str, ...]]):
+        self.name = name
+        self.execute = execute  # "EXECUTE name(%s,...)"
+        self.names = names  # parameter names in $n order (dict parameters)
+
+    def args(self, parameters: Any) -> Any:
+        if self.names is None:
+            return tuple(parameters) if parameters else None
+        return tuple([parameters[n] for n in self.names])
+
+
+class _PreparedCache:
+    """
+    Auto-prepare, as psycopg 3's ``prepare_threshold``: a statement (its text
+    and its parameters' types) is prepared once it has run ``threshold``
+    times on this connection; at most ``maxsize`` stay prepared, the least
+    recently used ones are deallocated.
+    """
+
+    def __init__(
+        self, threshold: int, maxsize: int, prefix: str, server_version: int
+    ) -> None:
+        self.server_version = server_version
+        self.threshold = threshold
+        self.maxsize = max(1, maxsize)
+        self.prefix = prefix
+        self.counts: collections.OrderedDict[Any, int] = collections.OrderedDict()
+        self.names: collections.OrderedDict[Any, _Prepared] = collections.OrderedDict()
+        self.deallocate: list[str] = []
+        self.serial = 0
+        self.lost = 0  # times the server had lost our statements
+
+    def key(self, operation: Any, parameters: Any) -> Any:
+        """The cache key, or None when the statement runs unprepared."""
+        if parameters is None:
+            return operation
+        types = _PARAM_TYPES
+        if type(parameters) is dict:
+            out: list[Any] = []
+            for k, v in parameters.items():
+                t = types.get(type(v))
+                if t is None:
+                    return None
+                out.append(k)
+                out.append(t if t.__class__ is str else t(v))
+            return (operation, "d", *out)
+        if type(parameters) in (tuple, list):
+            out = []
+            for v in parameters:
+                t = types.get(type(v))
+                if t is None:
+                    return None
+                out.append(t if t.__class__ is str else t(v))
+            return (operation, "s", *out)
+        return None
+
+    def should_prepare(self, key: Any) -> bool:
+        """Count one more run of ``key``; whether to prepare it now."""
+        counts = self.counts
+        n = counts.get(key, 0)
+        if n < 0:
+            return False  # PREPARE refused it
+        if n >= self.threshold:
+            return True
+        counts[key] = n + 1
+        counts.move_to_end(key)
+        if len(counts) > self.maxsize * 2:
+            counts.popitem(last=False)
+        return False
+
+    def refuse(self, key: Any) -> None:
+        self.counts[key] = -1
+        self.counts.move_to_end(key)
+
+    def build(
+        self, key: Any, operation: str, parameters: Any
+    ) -> Optional[tuple[str, _Prepared]]:
+        """The PREPARE statement and the entry for ``key``, or None."""
+        if ";" in operation or not _PREPARABLE(operation) or _DOLLAR_PARAM(operation):
+            return None
+        if parameters is None:
+            text, names, types = operation, None, list[str]()
+        else:
+            if type(parameters) is dict:
+                by_name = dict(zip(key[2::2], key[3::2], strict=True))
+                pairs = by_name.items()
+                by_name = {k: self._tag(t) for k, t in pairs}
+                parsed = _to_dollar(operation, True, by_name.get)
+            else:
+                tags = [self._tag(t) for t in key[2:]]
+                parsed = _to_dollar(
+                    operation, False, lambda i: tags[i] if i < len(tags) else None
+                )
+            if parsed is None:
+                return None
+            text, names, types = parsed
+            if names is None and len(types) != len(parameters):
+                return None
+        self.serial += 1
+        name = f"_txf_{self.prefix}_{self.serial}"
+        declared = f" ({','.join(t.rstrip('!') for t in types)})" if types else ""
+        prepare = f"PREPARE {name}{declared} AS {text}"
+        args = f"({','.join(['%s'] * len(types))})" if types else ""
+        return prepare, _Prepared(name, f"EXECUTE {name}{args}", names)
+
+    def _tag(self, tag: str) -> str:
+        # Before PostgreSQL 15, the parser wrote TRUE/FALSE as a cast to
+        # bool, naming a result column "bool".
+        return "bool!" if tag == "bool" and self.server_version < 150000 else tag
+
+    def add(self, key: Any, entry: _Prepared) -> None:
+        self.counts.pop(key, None)
+        self.names[key] = entry
+        while len(self.names) > self.maxsize:
+            _, old = self.names.popitem(last=False)
+            self.deallocate.append(old.name)
+
+    def forget(self, key: Any) -> None:
+        """The server's plan of ``key`` is stale: prepare it again later."""
+        entry = self.names.pop(key, None)
+        if entry is not None:
+            self.deallocate.append(entry.name)
+        self.counts[key] = self.threshold
+
+    def clear(self) -> None:
+        """The server has none of our statements any more."""
+        self.names.clear()
+        self.counts.clear()
+        self.deallocate.clear()
+
+
+def _to_dollar(
+    operation: str, named: bool, type_of: Callable[[Any], Optional[str]]
+) -> Optional[tuple[str, Optional[tuple[str, ...]], list[str]]]:
+    """
+    ``operation`` with psycopg2's placeholders as ``$n``: the text, the
+    parameter names in ``$n`` order (named style) and their type tags
+    (``type_of(name or position)``).  A tag ending in ``!`` is a type
+    psycopg2 writes as a cast (``'...'::date``, ``true``): the placeholder
+    keeps the cast, so that a result column is named as it would be
+    (``date``, ``bool``).  None when psycopg2 would refuse the placeholders
+    (it says why when the statement runs unprepared).
+    """
+    out: list[str] = []
+    names: list[str] = []
+    types: list[str] = []
+    index: dict[str, int] = {}
+    pos = 0
+    for m in _PLACEHOLDER.finditer(operation):
+        out.append(operation[pos : m.start()])
+        pos = m.end()
+        name, kind = m.group(1), m.group(2)
+        if kind == "%" and name is None:
+            out.append("%")
+            continue
+        if kind != "s" or (name is None) == named:
+            return None
+        if name is None:
+            tag = type_of(len(types))
+            if tag is None:
+                return None
+            types.append(tag)
+            n = len(types)
+        elif name in index:
+            n = index[name]
+            tag = types[n - 1]
+        else:
+            tag = type_of(name)
+            if tag is None:
+                return None
+            names.append(name)
+            types.append(tag)
+            n = index[name] = len(types)
+        out.append(f"${n}::{tag[:-1]}" if tag[-1] == "!" else f"${n}")
+    out.append(operation[pos:])
+    return "".join(out), (tuple(names) if named else None), types
+
 
 class _CancelUnconfirmed(Exception):
     """The server did not answer a cancel within CANCEL_GRACE."""
@@ -389,6 +661,7 @@ class _Wire(txpostgres.Connection):
         self.lost: Optional[str] = None
         self.watching = False  # the socket is registered with the reactor
         self.linger = False  # autocommit: stay watched between statements
+        self.background = False  # the query running is a background end
         self._fd = -1
         self.local_port: Optional[int] = None  # our end's TCP port
 
@@ -518,6 +791,22 @@ class _Wire(txpostgres.Connection):
         self._advance()
         return self.busy
 
+    def finish_background(self, timeout: float = 5.0) -> bool:
+        """
+        Wait, blocking, for a background end to complete; whether the
+        connection is then idle and unwatched.  For test harnesses only
+        (trial's clean-reactor check at the end of a test): it blocks the
+        reactor's thread.
+        """
+        deadline = time.monotonic() + timeout
+        while self.busy and self._fd >= 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([self._fd], [], [], left)
+            self._advance()
+        return not self.watching
+
     def cancel(self) -> None:
         """The parked fiber is cancelled: wake it (the query goes on)."""
         fib, self.fiber = self.fiber, None
@@ -546,7 +835,7 @@ class _Wire(txpostgres.Connection):
             )
 
     def _finish(self, result: Any) -> None:
-        self.busy = False
+        self.busy = self.background = False
         if self._connection.closed and self._fd >= 0:
             self._forget()
         elif self._fd >= 0:
@@ -631,6 +920,18 @@ def connect(
         psycopg2 cursor class: ``DictCursor``, ...), as psycopg2's
         ``connect()`` takes it.  (``connection_factory`` is refused with
         ``NotSupportedError``.)
+    :param background_end: end transactions without waiting where the
+        outcome cannot matter to the caller: ``rollback()``, and ``commit()``
+        of a transaction that ran only reads (see :meth:`Connection.commit`);
+        the next use of the connection waits for it if needed
+        (doc/howto/performance.md).  Off by default; the dialect turns it on.
+    :param prepare_threshold: prepare a statement on the server (SQL
+        ``PREPARE``/``EXECUTE``) once ``execute()`` has run it this many times
+        on the connection; 0 prepares at once; None (the default here; the
+        dialect's default is 5) never.  Turn it off behind PgBouncer in
+        transaction mode.
+    :param prepared_max: how many prepared statements a connection keeps
+        (least recently used ones are deallocated), 100 by default.
     :param connect_timeout: seconds for the whole connection attempt; also
         read from the DSN; :data:`DEFAULT_CONNECT_TIMEOUT` (10 s) when given
         nowhere, 0 for no limit.  psycopg2 ignores it for asynchronous
@@ -651,6 +952,9 @@ def connect(
     if reactor is None:
         from twisted.internet import reactor
     cursor_factory = kwargs.pop("cursor_factory", None)
+    background_end = _parse_flag(kwargs.pop("background_end", False), "background_end")
+    prepare_threshold = _parse_threshold(kwargs.pop("prepare_threshold", None))
+    prepared_max = int(kwargs.pop("prepared_max", DEFAULT_PREPARED_MAX))
     if kwargs.pop("connection_factory", None) is not None:
         raise NotSupportedError(
             "connection_factory is not supported: a txfiberdb connection wraps "
@@ -714,7 +1018,37 @@ def connect(
     conn = Connection(wire, params)
     if cursor_factory is not None:
         conn.cursor_factory = cursor_factory
+    conn.background_end = background_end
+    conn.set_prepare_threshold(prepare_threshold, prepared_max)
     return conn
+
+
+def _parse_flag(value: Any, name: str) -> bool:
+    """A boolean option, also as a URL query string gives it ("true", "0")."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{name} must be true or false, not {value!r}")
+    return bool(value)
+
+
+def _parse_threshold(value: Any) -> Optional[int]:
+    """prepare_threshold: None (or "none", "off", "") for never, else an int >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() in ("none", "null", "off", ""):
+            return None
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"prepare_threshold must be None (never prepare) or an int >= 0, "
+            f"not {value!r}"
+        )
+    return value
 
 
 def _server_name(params: str, raw: Any) -> str:
@@ -802,6 +1136,25 @@ class Connection:
         self._tpc_prepared = False  # after tpc_prepare()
         self._closed_by_user = False
         self._gucs: set[str] = set()  # default_transaction_* we set (autocommit)
+        # The end of a transaction sent without waiting (background_end):
+        # "COMMIT" or "ROLLBACK" while in flight or not yet collected.
+        self._background: Optional[str] = None
+        self.background_end = False
+        self._prepared_max = DEFAULT_PREPARED_MAX
+        # Whether every statement of the transaction in progress was a read,
+        # as its command tag says (see _note_tag).
+        self._reads_only = False
+        self._prepared: Optional[_PreparedCache] = None
+        global _connection_serial
+        _connection_serial += 1
+        self._serial = _connection_serial
+        #: Counted by the driver: ``round_trips``, statements a caller waited
+        #: for (whether or not the answer was there at once); ``sent``, all
+        #: statements sent (background ends included); ``waits``, times a
+        #: fiber parked for this connection.
+        self.round_trips = 0
+        self.sent = 0
+        self.waits = 0
         # Dropped without close(): the reactor's reader and the server's
         # backend would otherwise outlive it for as long as the process.
         self._finalizer = weakref.finalize(self, _close_forgotten, wire)
@@ -880,7 +1233,10 @@ class Connection:
 
     @property
     def in_transaction(self) -> bool:
-        """Whether a transaction is open on the server (ours or the user's)."""
+        """Whether a transaction is open on the server (ours or the user's).
+        False while its end runs in the background (``background_end``)."""
+        if self._background is not None:
+            return False
         status = self._raw.get_transaction_status()
         return status not in (TRANSACTION_STATUS_IDLE, TRANSACTION_STATUS_UNKNOWN)
 
@@ -1072,13 +1428,18 @@ class Connection:
                 f"a connection serves one fiber at a time; give each fiber its "
                 f"own (a pool does)"
             )
+        if self._background is not None:
+            self._settle_background(fib)
         self._check_open()
         self._user = fib
         wire = self._wire
         try:
             start()
+            self.sent += 1
+            self.round_trips += 1
             if wire.begin():
                 wire.fiber = fib
+                self.waits += 1
                 try:
                     park(wire)
                 except BaseException:
@@ -1212,6 +1573,7 @@ class Connection:
             )
         if (self._autocommit and not self._entered) or self.in_transaction:
             return ""
+        self._reads_only = True
         return self._begin + ";"
 
     # -- PEP 249 ------------------------------------------------------------
@@ -1253,8 +1615,13 @@ class Connection:
             raise ProgrammingError(
                 "commit cannot be used during a two-phase transaction"
             )
+        if self._background is not None:
+            return  # the transaction is ending already
         if self.in_transaction:
+            if self._commit_in_background():
+                return
             raw = self._control_cursor()
+            self._reads_only = False
             self._run(lambda: raw.execute("COMMIT"))
         self._wire.unwatch_if_idle(force=True)
 
@@ -1268,8 +1635,14 @@ class Connection:
         self._rollback()
 
     def _rollback(self) -> None:
+        if self._background is not None:
+            return  # the transaction is ending already
         if self.in_transaction:
+            if self.background_end and self._tpc_xid is None:
+                self.end_in_background("ROLLBACK")
+                return
             raw = self._control_cursor()
+            self._reads_only = False
             self._run(lambda: raw.execute("ROLLBACK"))
         self._wire.unwatch_if_idle(force=True)
 
@@ -1278,6 +1651,176 @@ class Connection:
         if self._ctl is None:
             self._ctl = self._raw.cursor()
         return self._ctl
+
+    # -- the end of a transaction, in the background ---------------------------
+
+    def end_in_background(self, command: str = "ROLLBACK") -> None:
+        """
+        Send ``command`` (``"ROLLBACK"`` or ``"COMMIT"``) to end the open
+        transaction, and return at once: nobody waits for the answer.  The
+        next use of the connection (a query, :meth:`check_alive` at a pool's
+        checkout, :meth:`commit`) waits for it only if it has not arrived
+        yet; if the server refused it or the connection was lost, the
+        connection is closed then (the pool replaces it), with a log line.
+        Callable from the reactor's greenlet: nothing waits.  No-op when no
+        transaction is open.
+        """
+        if command not in ("COMMIT", "ROLLBACK"):
+            raise ValueError(
+                f"end_in_background takes COMMIT or ROLLBACK, not {command!r}"
+            )
+        self._check_open()
+        if self._user is not None:
+            raise ProgrammingError(
+                f"this connection is in use by another fiber ({self._user!r})"
+            )
+        self._reads_only = False
+        if self._background is not None or not self.in_transaction:
+            return
+        wire = self._wire
+        raw = self._control_cursor()
+        try:
+            raw.execute(command)
+        except psycopg2.Error:
+            wire.close()  # lost: the server ends the transaction itself
+            return
+        self.sent += 1
+        self._background = command
+        wire.begin()  # the outcome waits in wire.outcome when nobody parks
+        wire.background = wire.busy
+
+    @property
+    def ending(self) -> Optional[str]:
+        """``"COMMIT"``/``"ROLLBACK"`` while the end of the last transaction
+        runs in the background and its outcome is not collected yet."""
+        return self._background
+
+    def _commit_in_background(self) -> bool:
+        """
+        With ``background_end``: COMMIT a transaction whose statements were
+        all reads (their command tags) without waiting.  Not at SERIALIZABLE,
+        where a read-only transaction's COMMIT may report a serialization
+        failure that its reads must not outlive.
+        """
+        if (
+            self.background_end
+            and self._reads_only
+            and self._isolation_level
+            != psycopg2.extensions.ISOLATION_LEVEL_SERIALIZABLE
+            and self._tpc_xid is None
+        ):
+            self.end_in_background("COMMIT")
+            return True
+        return False
+
+    def _settle_background(self, fib: Any) -> None:
+        """
+        Collect the outcome of the background end, parking ``fib`` while it
+        is still running.  A failed end closes the connection and raises
+        ``OperationalError``; a cancel while parked leaves it pending.
+        """
+        command = self._background
+        wire = self._wire
+        failure: Any = None
+        if wire.busy:
+            if fib is None:
+                raise NotInFiberError(
+                    "a txfiberdb connection was used outside a fiber while its "
+                    "last transaction was still ending: run this code in a fiber"
+                )
+            wire.fiber = fib
+            self.waits += 1
+            try:
+                park(wire)
+            except CancelledError:
+                if wire.busy:
+                    wire.fiber = None
+                    raise  # still running: the next use waits for it
+                failure = Failure()
+            except Exception:
+                failure = Failure()
+        else:
+            failure, wire.outcome = wire.outcome, None
+        self._background = None
+        if not isinstance(failure, Failure):
+            return
+        text = str(failure.value).strip()
+        reason = text.splitlines()[0] if text else type(failure.value).__name__
+        if command == "COMMIT":
+            _log.error(
+                "a COMMIT sent in the background failed ({reason}): the "
+                "transaction had run only reads (by their command tags), but "
+                "whatever a function it called wrote is lost; the connection "
+                "is closed. Commit such transactions explicitly or turn "
+                "background_end off (doc/howto/performance.md)",
+                reason=reason,
+            )
+        else:
+            _log.info(
+                "a ROLLBACK sent in the background failed ({reason}): the "
+                "connection is closed",
+                reason=reason,
+            )
+        wire.close()
+        raise OperationalError(
+            f"the {command} that ended the previous transaction in the "
+            f"background failed ({reason}): the connection was closed"
+        )
+
+    # -- auto-prepare ----------------------------------------------------------
+
+    @property
+    def prepare_threshold(self) -> Optional[int]:
+        """
+        Run a statement this many times on this connection, then prepare it
+        on the server (SQL ``PREPARE``; later runs send ``EXECUTE``); 0
+        prepares at once, None never (as psycopg 3's attribute of that name;
+        doc/howto/performance.md).  Setting it forgets what was prepared.
+        """
+        return None if self._prepared is None else self._prepared.threshold
+
+    @prepare_threshold.setter
+    def prepare_threshold(self, value: Any) -> None:
+        self.set_prepare_threshold(_parse_threshold(value), self.prepared_max)
+
+    @property
+    def prepared_max(self) -> int:
+        """How many prepared statements this connection keeps at most."""
+        return self._prepared_max
+
+    @prepared_max.setter
+    def prepared_max(self, value: int) -> None:
+        self.set_prepare_threshold(self.prepare_threshold, int(value))
+
+    def set_prepare_threshold(self, threshold: Optional[int], maxsize: int) -> None:
+        self._prepared_max = int(maxsize)
+        old = self._prepared
+        if threshold is None:
+            self._prepared = None
+        else:
+            self._prepared = _PreparedCache(
+                threshold,
+                self._prepared_max,
+                f"{_PROCESS_TOKEN}_{self._serial}",
+                self._raw.server_version,
+            )
+            if old is not None:  # keep the names unique
+                self._prepared.serial = old.serial
+        if old is not None and self._prepared is not None:
+            self._prepared.deallocate = [e.name for e in old.names.values()]
+            self._prepared.deallocate.extend(old.deallocate)
+
+    def _note_tag(self, operation: Any, tag: Optional[str]) -> None:
+        """After a statement of a transaction: is it still read-only?"""
+        if not (
+            isinstance(operation, str)
+            and tag is not None
+            and tag.startswith(_READ_TAGS)
+            and _READ_STATEMENT(operation) is not None
+            and ";" not in operation
+            and _INTO(operation) is None
+        ):
+            self._reads_only = False
 
     def close(self) -> None:
         """Close the connection (the server rolls back an open transaction)."""
@@ -1353,8 +1896,18 @@ class Connection:
         that ended the connection, killed backend or restart, says so before
         it closes the socket).  False once closed.  The pool calls this at
         checkout, so a connection that died in the pool is replaced instead
-        of being handed out.
+        of being handed out.  A transaction's end still running in the
+        background (``background_end``) is waited for, from a fiber; when it
+        failed, the connection is closed and this returns False.
         """
+        if self._background is not None:
+            fib = current_fiber()
+            if fib is None and self._wire.busy:
+                return True  # the next query waits for it
+            try:
+                self._settle_background(fib)
+            except psycopg2.Error:
+                return False
         return self._wire.check_idle()
 
     # -- two-phase commit (PEP 249's optional tpc_* extension) -----------------
@@ -1555,7 +2108,123 @@ class Cursor(_PGCursor):
         result is kept), parking the fiber until the server answers."""
         operation = _sql_text(operation, self._conn._raw)
         _refuse_copy(operation)
+        cache = self._conn._prepared
+        if cache is not None and type(operation) is str:
+            if cache.names and _DROPS_PREPARED(operation):
+                self._execute(operation, parameters)
+                cache.clear()
+                return
+            key = cache.key(operation, parameters)
+            if key is not None and self._execute_prepared(
+                cache, key, operation, parameters
+            ):
+                return
         self._execute(operation, parameters)
+
+    def _execute_prepared(
+        self, cache: _PreparedCache, key: Any, operation: str, parameters: Any
+    ) -> bool:
+        """
+        Run ``operation`` as a prepared statement, preparing it first when
+        its time has come; False when it is to run unprepared instead.
+        """
+        entry = cache.names.get(key)
+        if entry is None:
+            if not cache.should_prepare(key):
+                return False
+            built = cache.build(key, operation, parameters)
+            if built is None:
+                cache.refuse(key)
+                return False
+            prepare, entry = built
+            if not self._prepare(cache, key, prepare):
+                return False
+            cache.add(key, entry)
+        else:
+            cache.names.move_to_end(key)
+        conn = self.connection
+        self._rowcount_override = None
+        prefix = conn._begin_prefix()
+        raw = self._raw
+        args = entry.args(parameters)
+        sql = prefix + entry.execute if prefix else entry.execute
+        try:
+            conn._run(lambda: raw.execute(sql, args))
+        except psycopg2.Error as e:
+            if not self._stale_plan(cache, key, e):
+                raise
+            # The statement failed before doing anything; the user's query
+            # is run again unprepared when nothing else was undone with it:
+            # its transaction began in the same round trip, or there is none.
+            if prefix:
+                ctl = conn._control_cursor()
+                conn._run(lambda: ctl.execute("ROLLBACK"))
+            elif conn.in_transaction:
+                raise
+            self._execute(operation, parameters)
+            return True
+        if conn._reads_only:
+            conn._note_tag(operation, raw.statusmessage)
+        return True
+
+    def _stale_plan(self, cache: _PreparedCache, key: Any, error: Exception) -> bool:
+        """Whether ``error`` says the server's prepared statement is stale or
+        gone (then it is forgotten, to be prepared again)."""
+        code = getattr(error, "pgcode", None)
+        if code == "0A000" and "cached plan must not change result type" in str(error):
+            cache.forget(key)
+            return True
+        if code == "26000":  # prepared statement does not exist
+            cache.clear()
+            cache.lost += 1
+            if cache.lost >= 3:
+                _log.warn(
+                    "auto-prepare turned off on a connection: the server lost "
+                    "its prepared statements {n} times (a pooler such as "
+                    "PgBouncer in transaction mode?); set prepare_threshold="
+                    "None for such servers",
+                    n=cache.lost,
+                )
+                self.connection._prepared = None
+            return True
+        return False
+
+    def _prepare(self, cache: _PreparedCache, key: Any, prepare: str) -> bool:
+        """
+        Send ``PREPARE`` (and the deallocation of evicted statements) in a
+        round trip of its own, before the statement's first ``EXECUTE``.
+        Outside a transaction it runs alone; inside one, in a savepoint, so
+        that a statement PREPARE refuses (a parameter type it cannot infer)
+        aborts nothing: it is then run unprepared for good.
+        """
+        conn = self.connection
+        raw = conn._control_cursor()
+        drops = "".join(f"DEALLOCATE {name};" for name in cache.deallocate)
+        cache.deallocate = []
+        in_tx = conn.in_transaction
+        if in_tx and conn.get_transaction_status() != TRANSACTION_STATUS_INTRANS:
+            return False  # an aborted transaction: nothing can run
+        if in_tx:
+            sql = (
+                f"SAVEPOINT _txf_prepare;{drops}{prepare};"
+                f"RELEASE SAVEPOINT _txf_prepare"
+            )
+        else:
+            sql = drops + prepare
+        try:
+            conn._run(lambda: raw.execute(sql))
+        except psycopg2.Error:
+            if in_tx and conn.in_transaction:
+                conn._run(
+                    lambda: raw.execute(
+                        "ROLLBACK TO SAVEPOINT _txf_prepare;"
+                        "RELEASE SAVEPOINT _txf_prepare"
+                    )
+                )
+            if not drops:
+                cache.refuse(key)
+            return False
+        return True
 
     def _execute(self, operation: Any, parameters: Any = None) -> None:
         # execute() without the COPY check: for statements built here from a
@@ -1564,15 +2233,20 @@ class Cursor(_PGCursor):
         self._rowcount_override = None
         prefix = conn._begin_prefix()
         raw = self._raw
+        text = operation
         if prefix:
             if parameters is not None:
                 operation = raw.mogrify(operation, parameters)
                 parameters = None
             if isinstance(operation, bytes):
-                operation = prefix.encode() + operation
+                sent = prefix.encode() + operation
             else:
-                operation = prefix + operation
-        conn._run(lambda: raw.execute(operation, parameters))
+                sent = prefix + operation
+        else:
+            sent = operation
+        conn._run(lambda: raw.execute(sent, parameters))
+        if conn._reads_only:
+            conn._note_tag(text, raw.statusmessage)
 
     @_refusing_unstorable
     def executemany(self, operation: Any, seq_of_parameters: Sequence[Any]) -> None:
@@ -1618,6 +2292,7 @@ class Cursor(_PGCursor):
         raw = self._raw
         if conn._begin_prefix():
             conn._run(lambda: raw.execute(conn._begin))
+        conn._reads_only = False
         conn._run(lambda: raw.callproc(procname, parameters))
         return parameters
 

@@ -77,7 +77,11 @@ from sqlalchemy.dialects.postgresql.psycopg2 import (
 
 from txfiberdb.pool import FiberQueuePool, install_fiber_mutexes
 
-__all__ = ["TxPostgresDialect", "dialect"]
+__all__ = ["DEFAULT_PREPARE_THRESHOLD", "TxPostgresDialect", "dialect"]
+
+#: Runs of a statement on a connection before it is prepared (psycopg 3's
+#: default); ``?prepare_threshold=none`` in the URL turns auto-prepare off.
+DEFAULT_PREPARE_THRESHOLD = 5
 
 
 class TxPostgresExecutionContext(PGExecutionContext_psycopg2):
@@ -140,6 +144,11 @@ class TxPostgresDialect(PGDialect_psycopg2):
         args, opts = super().create_connect_args(url)
         if self.client_encoding is not None:
             opts["client_encoding"] = self.client_encoding
+        # The driver's two levers (doc/howto/performance.md), on by default
+        # here; the URL or connect_args override them
+        # (?prepare_threshold=none&background_end=false).
+        opts.setdefault("background_end", True)
+        opts.setdefault("prepare_threshold", DEFAULT_PREPARE_THRESHOLD)
         return args, opts
 
     def on_connect(self) -> Any:
