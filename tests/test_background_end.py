@@ -323,3 +323,60 @@ class BackgroundEndPoolTests(DatabaseTestCase):
         sleep(0.1)
         rows = self.admin("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,))
         self.assertEqual(rows, [])
+
+    def test_statements_in_the_server_log(self):
+        """The server's own count (log_statement = all: one line per query
+        string, i.e. per round trip): a read-only ORM request sends
+        BEGIN+SELECT and a COMMIT it does not wait for; a request with one
+        write sends BEGIN+INSERT and COMMIT."""
+        server = _local_server()
+        if server is None:
+            self.skipTest("needs the test's own PostgreSQL (to read its log)")
+        log = os.path.join(server.directory, "server.log")
+        dbname = self.admin("SELECT current_database()")[0][0]
+        self.admin(f'ALTER DATABASE "{dbname}" SET log_statement = \'all\'')
+        self.addCleanup(self.admin, f'ALTER DATABASE "{dbname}" RESET log_statement')
+        engine = self.engine()
+        conn = self.dbapi_conn(engine)
+        pid = conn.get_backend_pid()
+        for _ in range(6):  # past the prepare threshold
+            with Session(engine) as session:
+                session.get(Item, 1)
+                session.commit()
+        sleep(0.2)
+
+        def statements(work):
+            start = os.path.getsize(log)
+            trips = conn.round_trips
+            work()
+            sleep(0.3)  # the background COMMIT, and the log's writer
+            with open(log) as f:
+                f.seek(start)
+                lines = [
+                    line.split("statement: ", 1)[1].strip()
+                    for line in f
+                    if f"[{pid}]" in line and "statement: " in line
+                ]
+            return lines, conn.round_trips - trips
+
+        def read():
+            with Session(engine) as session:
+                session.get(Item, 1)
+                session.commit()
+
+        def write():
+            with Session(engine) as session:
+                session.add(Item(id=50, name="w"))
+                session.commit()
+
+        lines, trips = statements(read)
+        self.assertEqual(len(lines), 2, lines)
+        self.assertTrue(lines[0].startswith("BEGIN;EXECUTE _txf_"), lines)
+        self.assertEqual(lines[1], "COMMIT")
+        self.assertEqual(trips, 1)
+        lines, trips = statements(write)
+        self.assertEqual(len(lines), 2, lines)
+        self.assertTrue(lines[0].startswith("BEGIN;INSERT INTO bg_items"), lines)
+        self.assertEqual(lines[1], "COMMIT")
+        self.assertEqual(trips, 2)
+

@@ -286,3 +286,17 @@ class PrepareTests(DatabaseTestCase):
     def test_bad_threshold(self):
         with self.assertRaises(ValueError):
             dbapi.connect(self.dsn, prepare_threshold=-1)
+
+    def test_ddl_on_the_same_connection_forgets_prepared(self):
+        """As psycopg 3: after CREATE/ALTER/DROP on the connection, its
+        prepared statements are deallocated, so that a prepared ``SELECT *``
+        never meets ``cached plan must not change result type`` from DDL of
+        its own, even inside a transaction."""
+        conn = self.connect(prepare_threshold=0)
+        cur = conn.cursor()
+        cur.execute("SELECT * FROM pt WHERE x = %s", (1,))
+        cur.execute("ALTER TABLE pt ADD COLUMN own int DEFAULT 6")
+        cur.execute("SELECT * FROM pt WHERE x = %s", (1,))
+        self.assertEqual(cur.fetchall()[0][-1], 6)
+        conn.commit()
+        self.assertEqual(len(self.prepared(conn)), 1)

@@ -258,6 +258,8 @@ _PREPARABLE = re.compile(
 # psycopg2's placeholders: %s, %(name)s, and %% for a literal %.
 _PLACEHOLDER = re.compile(r"%(?:\(([^)]*)\))?(.)", re.S)
 _DOLLAR_PARAM = re.compile(r"\$\d").search
+# Command tags of DDL, after which prepared statements are forgotten.
+_DDL_TAGS = ("CREATE ", "ALTER ", "DROP ")
 # Statements after which the server's prepared statements may be gone.
 _DROPS_PREPARED = re.compile(r"\b(?:DISCARD|DEALLOCATE)\b", re.I).search
 # Unique to this process among all clients of a server (or of a pooler that
@@ -2119,6 +2121,13 @@ class Cursor(_PGCursor):
                 cache, key, operation, parameters
             ):
                 return
+            self._execute(operation, parameters)
+            # DDL on this connection may change what a prepared statement
+            # returns: forget them all, as psycopg 3 does.
+            if cache.names and (self._raw.statusmessage or "").startswith(_DDL_TAGS):
+                cache.clear()
+                cache.deallocate.append("ALL")
+            return
         self._execute(operation, parameters)
 
     def _execute_prepared(
