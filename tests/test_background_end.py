@@ -380,3 +380,80 @@ class BackgroundEndPoolTests(DatabaseTestCase):
         self.assertEqual(lines[1], "COMMIT")
         self.assertEqual(trips, 2)
 
+
+
+class FiberRoutesTests(DatabaseTestCase):
+    """A Klein service: what a read-only route and a writing route cost, and
+    what happens to data written by a route that looks read-only."""
+
+    def setUp(self):
+        from klein import Klein
+        from sqlalchemy import select
+        from twisted.web.server import Site
+
+        from txfiberdb.klein import FiberRoutes
+        from txfiberdb.service import EngineService
+
+        from .test_klein import HTTPClient, HTTPServer, metadata, notes
+
+        self.notes = notes
+        self.service = EngineService(self.url, pool_size=1, max_overflow=0)
+        self.service.startService()
+        self.addCleanup(lambda: await_deferred(self.service.stopService()))
+        engine = self.service.engine
+        metadata.create_all(engine)
+        with engine.begin() as conn:
+            conn.execute(notes.delete())
+            conn.execute(
+                text(
+                    "CREATE OR REPLACE FUNCTION bg_add_note(b text) RETURNS int "
+                    "LANGUAGE sql AS $$ INSERT INTO notes (body) VALUES (b) "
+                    "RETURNING 1 $$"
+                )
+            )
+        app = Klein()
+        routes = FiberRoutes(self.service, app)
+
+        @routes.route("/notes/<int:note_id>")
+        def read(request, session, note_id):
+            row = session.execute(select(notes).where(notes.c.id == note_id)).first()
+            return {"found": row is not None}
+
+        @routes.route("/notes", methods=["POST"])
+        def add(request, session):
+            session.execute(notes.insert().values(body="plain"))
+            return {}
+
+        @routes.route("/via-function", methods=["POST"])
+        def add_via_function(request, session):
+            session.execute(text("SELECT bg_add_note('via function')"))
+            return {}
+
+        self.server = HTTPServer(self, Site(app.resource()))
+        self.http = HTTPClient(self, self.server.base)
+
+    def connection(self):
+        with self.service.engine.connect() as c:
+            return c.connection.dbapi_connection
+
+    def bodies(self):
+        return sorted(r[0] for r in self.admin("SELECT body FROM notes"))
+
+    def test_round_trips_per_request(self):
+        conn = self.connection()
+        for _ in range(6):  # past the prepare threshold
+            self.assertEqual(self.http.get("/notes/1").code, 200)
+        trips = conn.round_trips
+        self.assertEqual(self.http.get("/notes/1").json, {"found": False})
+        self.assertEqual(conn.round_trips - trips, 1, "read-only route")
+        trips = conn.round_trips
+        self.assertEqual(self.http.post("/notes", {}).code, 200)
+        self.assertEqual(conn.round_trips - trips, 2, "route with one write")
+        self.assertEqual(self.bodies(), ["plain"])
+
+    def test_write_through_a_function_is_committed(self):
+        """Documented (doc/howto/performance.md): the driver sees only a
+        SELECT, commits it without waiting, and the row is kept."""
+        self.assertEqual(self.http.post("/via-function", {}).code, 200)
+        sleep(0.1)
+        self.assertEqual(self.bodies(), ["via function"])
