@@ -300,3 +300,21 @@ class PrepareTests(DatabaseTestCase):
         self.assertEqual(cur.fetchall()[0][-1], 6)
         conn.commit()
         self.assertEqual(len(self.prepared(conn)), 1)
+
+    def test_bad_placeholders_fail_as_unprepared(self):
+        """What psycopg2 refuses is refused on every run, also once the
+        statement would be due for preparing."""
+        conn = self.connect(prepare_threshold=0)
+        cur = conn.cursor()
+        for sql, params, error in (
+            ("SELECT 'a%'", (), IndexError),
+            ("SELECT %s, 'a%'", (1,), IndexError),
+            ("SELECT %d", (1,), ValueError),
+            ("SELECT %(a)s", {"b": 1}, KeyError),
+            ("SELECT %s, %s", (1,), IndexError),
+        ):
+            for _ in range(3):
+                with self.assertRaises(error):
+                    cur.execute(sql, params)
+            conn.rollback()
+        self.assertEqual(self.prepared(conn), [])

@@ -509,6 +509,8 @@ def _to_dollar(
             types.append(tag)
             n = index[name] = len(types)
         out.append(f"${n}::{tag[:-1]}" if tag[-1] == "!" else f"${n}")
+    if "%" in operation[pos:]:
+        return None  # a lone % at the end: psycopg2 refuses it
     out.append(operation[pos:])
     return "".join(out), (tuple(names) if named else None), types
 
