@@ -1432,12 +1432,12 @@ class Connection:
                 f"a connection serves one fiber at a time; give each fiber its "
                 f"own (a pool does)"
             )
-        if self._background is not None:
-            self._settle_background(fib)
         self._check_open()
         self._user = fib
         wire = self._wire
         try:
+            if self._background is not None:
+                self._settle_background(fib)
             start()
             self.sent += 1
             self.round_trips += 1
@@ -1904,14 +1904,17 @@ class Connection:
         background (``background_end``) is waited for, from a fiber; when it
         failed, the connection is closed and this returns False.
         """
-        if self._background is not None:
+        if self._background is not None and self._user is None:
             fib = current_fiber()
             if fib is None and self._wire.busy:
                 return True  # the next query waits for it
+            self._user = fib
             try:
                 self._settle_background(fib)
             except psycopg2.Error:
                 return False
+            finally:
+                self._user = None
         return self._wire.check_idle()
 
     # -- two-phase commit (PEP 249's optional tpc_* extension) -----------------
