@@ -30,6 +30,19 @@ The default pool is :class:`txfiberdb.pool.FiberQueuePool` (SQLAlchemy's
 ``pool_timeout``, ``pool_recycle``, ``pool_pre_ping`` and ``pool_use_lifo``
 mean what they mean in SQLAlchemy.
 
+Two driver options are on by default here (``doc/howto/performance.md``);
+the URL's query string or ``connect_args`` turn them off:
+
+- ``background_end``: a ROLLBACK (``Session.close()``, the pool's reset), and
+  the COMMIT of a transaction whose statements were all reads, are sent
+  without waiting; the next checkout waits for them if needed, and a failed
+  one discards the connection.  A read-only request is one round trip.
+  ``?background_end=false`` waits for every end.
+- ``prepare_threshold`` (default :data:`DEFAULT_PREPARE_THRESHOLD`, 5) and
+  ``prepared_max`` (100): statements run that many times on a connection are
+  prepared on the server (psycopg 3's semantics).  ``?prepare_threshold=none``
+  behind PgBouncer in transaction mode.
+
 Type handling is the psycopg2 dialect's (this dialect derives from it):
 json, jsonb, uuid, arrays, ranges, numerics, hstore (registered when the
 extension exists; its OIDs are looked up with an ordinary query).
