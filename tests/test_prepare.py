@@ -318,3 +318,27 @@ class PrepareTests(DatabaseTestCase):
                     cur.execute(sql, params)
             conn.rollback()
         self.assertEqual(self.prepared(conn), [])
+
+    def test_reconnect_starts_afresh(self):
+        """A connection the server ended is replaced by the pool; the new one
+        has no prepared statements, and prepares its own."""
+        engine = create_engine(
+            self.url + "?prepare_threshold=0", pool_size=1, max_overflow=0
+        )
+        self.addCleanup(engine.dispose)
+        query = text("SELECT x FROM pt WHERE x = :x")
+        with engine.connect() as c:
+            self.assertEqual(c.execute(query, {"x": 1}).scalar(), 1)
+            old = c.connection.dbapi_connection
+        mine = [k for k in old._prepared.names if "FROM pt" in k[0]]
+        self.assertEqual(len(mine), 1)
+        self.admin("SELECT pg_terminate_backend(%s)", (old.get_backend_pid(),))
+        from txfiberdb import sleep
+
+        sleep(0.2)
+        with engine.connect() as c:
+            self.assertEqual(c.execute(query, {"x": 2}).scalar(), 2)
+            new = c.connection.dbapi_connection
+            self.assertIsNot(new, old)
+            mine = [s for _, s in self.prepared(new) if "FROM pt" in s]
+            self.assertEqual(len(mine), 1)
