@@ -128,7 +128,7 @@ class BackgroundEndTests(DatabaseTestCase):
         cur.execute("SELECT bg_write(7)")
         conn.commit()
         self.assertEqual(conn.ending, "COMMIT")
-        self.assertTrue(conn.check_alive())  # collects the outcome
+        self.assertTrue(conn.check_alive(wait=True))  # collects the outcome
         self.assertIsNone(conn.ending)
         self.assertEqual(self.admin("SELECT x FROM bg_t"), [(7,)])
 
@@ -285,6 +285,32 @@ class BackgroundEndPoolTests(DatabaseTestCase):
             self.skipTest("needs the test's own PostgreSQL (to SIGSTOP a backend)")
         os.kill(pid, signal.SIGSTOP)
         self.addCleanup(_thaw, pid)
+
+    def test_pool_stats_never_wait_for_an_end(self):
+        """pool_stats (a metrics endpoint) looks at idle connections without
+        waiting for their ends: it neither blocks nor holds them."""
+        from txfiberdb import pool_stats
+
+        engine = self.engine()
+        with engine.connect() as c:
+            c.execute(text("SELECT 1"))
+            conn = c.connection.dbapi_connection
+            pid = conn.get_backend_pid()
+            self._freeze(pid)
+        waits = conn.waits
+        self.assertEqual(pool_stats(engine)["idle"], 1)
+        self.assertEqual(conn.waits, waits)
+        self.assertEqual(conn.ending, "ROLLBACK")
+
+        def use():
+            with engine.connect() as c2:
+                return c2.execute(text("SELECT 6")).scalar()
+
+        d = run_in_fiber(use)
+        sleep(0.1)
+        self.assertFalse(d.called)
+        _thaw(pid)
+        self.assertEqual(await_deferred(d), 6)
 
     def test_cancel_while_waiting_for_the_end(self):
         engine = self.engine(pool_timeout=30)

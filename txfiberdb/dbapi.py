@@ -1893,21 +1893,23 @@ class Connection:
         if not self._raw.closed:
             self._wire.unwatch_if_idle(force=True)
 
-    def check_alive(self) -> bool:
+    def check_alive(self, wait: bool = False) -> bool:
         """
         Whether the connection is still usable, learnt without a round trip:
         what the server sent while the connection was idle is read (a server
         that ended the connection, killed backend or restart, says so before
         it closes the socket).  False once closed.  The pool calls this at
         checkout, so a connection that died in the pool is replaced instead
-        of being handed out.  A transaction's end still running in the
-        background (``background_end``) is waited for, from a fiber; when it
-        failed, the connection is closed and this returns False.
+        of being handed out.  A transaction's end that ran in the background
+        (``background_end``) is collected: when it failed, the connection is
+        closed and this returns False.  One still running is waited for with
+        ``wait=True`` (from a fiber: the pool's checkout); otherwise this
+        returns True and the next query waits for it.
         """
         if self._background is not None and self._user is None:
             fib = current_fiber()
-            if fib is None and self._wire.busy:
-                return True  # the next query waits for it
+            if self._wire.busy and (not wait or fib is None):
+                return True  # the next query (or a checkout) waits for it
             self._user = fib
             try:
                 self._settle_background(fib)

@@ -106,8 +106,10 @@ def _refuse_dead_connection(dbapi_connection: Any, record: Any, proxy: Any) -> N
     # restart) is replaced by the pool, without a round trip: the driver
     # reads what the server sent it meanwhile.  (pool_pre_ping, a round trip
     # per checkout, is not needed for this.)
+    # A transaction's end still running in the background (background_end)
+    # is waited for here; one that failed discards the connection.
     check = getattr(dbapi_connection, "check_alive", None)
-    if check is not None and not check():
+    if check is not None and not check(wait=True):
         raise exc.DisconnectionError(
             "connection ended by the server while idle in the pool"
         )
