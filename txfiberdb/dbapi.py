@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dbapi -*-
+# -*- test-case-name: tests.test_dbapi,tests.test_background_end,tests.test_prepare -*-
 """
 A PEP 249 (DB-API 2.0) driver for PostgreSQL, for code running in fibers.
 
