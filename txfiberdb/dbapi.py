@@ -36,6 +36,12 @@ psycopg2; this module hides the differences:
 - A connection the server ended (killed backend, restart) reports itself
   closed and raises psycopg2's ``OperationalError``/``InterfaceError``;
   nothing is logged as an unhandled error.
+- Two options of :func:`connect`, off by default (the SQLAlchemy dialect
+  turns them on): ``background_end`` ends transactions without waiting where
+  the outcome cannot matter (``rollback()``; ``commit()`` of a transaction
+  that only read), and ``prepare_threshold`` prepares statements run often
+  on the connection (SQL ``PREPARE``/``EXECUTE``, psycopg 3's semantics).
+  doc/howto/performance.md.
 
 Errors are psycopg2's own classes, so ``except psycopg2.IntegrityError`` keeps
 working.  Types are converted as psycopg2 converts them (json, jsonb, uuid,
