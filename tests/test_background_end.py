@@ -148,6 +148,27 @@ class BackgroundEndTests(DatabaseTestCase):
         self.assertTrue(conn.closed)
         self.assertEqual(self.admin("SELECT count(*) FROM bg_d"), [(0,)])
 
+    def test_writes_under_a_select_tag_are_waited_for(self):
+        """Statements whose tag says SELECT but that write, and that the
+        driver can see in the text, keep the COMMIT waited for."""
+        conn = self.connect(background_end=True)
+        cur = conn.cursor()
+        for sql in (
+            "WITH w AS (INSERT INTO bg_t VALUES (5) RETURNING x) SELECT x FROM w",
+            "SELECT 1 AS x INTO TEMP bg_into",
+            "SELECT 1; SELECT 2",
+            "SET LOCAL work_mem = '8MB'",
+        ):
+            cur.execute(sql)
+            trips = conn.round_trips
+            conn.commit()
+            self.assertEqual((conn.round_trips, conn.ending), (trips + 1, None), sql)
+        cur.execute(b"SELECT 1")  # bytes: not judged, so a write
+        trips = conn.round_trips
+        conn.commit()
+        self.assertEqual(conn.round_trips, trips + 1)
+        self.assertEqual(self.admin("SELECT x FROM bg_t"), [(5,)])
+
     def test_serializable_commit_of_reads_waits(self):
         conn = self.connect(background_end=True)
         conn.set_session(isolation_level="SERIALIZABLE")
