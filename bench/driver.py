@@ -38,6 +38,9 @@ Clients (all in autocommit: no BEGIN/COMMIT anywhere):
 
 - ``txfiberdb``: ``txfiberdb.dbapi`` in fibers; one cursor per connection,
   reused; at 20 workers, 20 fibers each with a connection of its own.
+- ``txfiberdb-prepared``: the same with ``prepare_threshold=5`` (auto-prepare,
+  the dialect's default): from the 6th run on, ``EXECUTE`` of a statement
+  prepared on the connection.
 - ``txpostgres``: ``Connection.runQuery`` (sequential); 20
   ``inlineCallbacks`` workers on a ``ConnectionPool`` of 20.
 - ``adbapi``: ``twisted.enterprise.adbapi.ConnectionPool("psycopg2")``,
@@ -218,14 +221,14 @@ def _sync_loop(conn: Any, workload: str, ids: list[int], until: float, n: int) -
             return i
 
 
-def child_txfiberdb(args: argparse.Namespace) -> list[Any]:
+def child_txfiberdb(args: argparse.Namespace, **options: Any) -> list[Any]:
     from twisted.internet.defer import gatherResults
 
     from txfiberdb import dbapi
     from txfiberdb.fiber import await_deferred, run_in_fiber
 
     def connect() -> Any:
-        conn = dbapi.connect(args.dsn)
+        conn = dbapi.connect(args.dsn, **options)
         conn.autocommit = True
         return conn
 
@@ -468,8 +471,14 @@ def child_asyncpg(args: argparse.Namespace) -> list[Any]:
     return [c.as_dict() for c in asyncio.run(main())]
 
 
+def child_txfiberdb_prepared(args: argparse.Namespace) -> list[Any]:
+    """txfiberdb.dbapi with auto-prepare at the dialect's default threshold."""
+    return child_txfiberdb(args, prepare_threshold=5)
+
+
 CHILDREN: dict[str, Callable[[argparse.Namespace], list[Any]]] = {
     "txfiberdb": child_txfiberdb,
+    "txfiberdb-prepared": child_txfiberdb_prepared,
     "txpostgres": child_txpostgres,
     "adbapi": child_adbapi,
     "psycopg2": child_psycopg2,
@@ -483,6 +492,12 @@ TABLE_ROWS = [
         "",
         "txfiberdb.dbapi in a fiber",
         "txfiberdb.dbapi, 20 fibers x own connection",
+    ),
+    (
+        "txfiberdb-prepared",
+        "",
+        "txfiberdb.dbapi in a fiber, auto-prepare",
+        "txfiberdb.dbapi, 20 fibers x own connection, auto-prepare",
     ),
     (
         "txpostgres",
@@ -717,6 +732,24 @@ def main() -> None:
                     f"| {rq} | {rc} |"
                 )
     print()
+    for workload, wlabel in WORKLOADS:
+        for phase in phases:
+            if PHASES[phase][1] == 1:
+                continue
+            prep = med.get(f"txfiberdb-prepared|{workload}|{phase}")
+            raw = med.get(f"txpostgres|{workload}|{phase}")
+            own = med.get(f"asyncpg|{workload}|{phase}-own")
+            where = f"{wlabel}, {PHASES[phase][0]} workers, auto-prepare"
+            if prep and raw:
+                print(
+                    f"- {where}: ours / raw txpostgres = {prep[0] / raw[0]:.2f}x q/s "
+                    "(goal >= 1.3x)"
+                )
+            if prep and own:
+                print(
+                    f"- {where}: ours / asyncpg x own connection = "
+                    f"{prep[0] / own[0]:.2f}x q/s (goal >= 1.0x)"
+                )
     for workload, wlabel in WORKLOADS:
         for phase in phases:
             if PHASES[phase][1] > 1:

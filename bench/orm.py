@@ -13,7 +13,12 @@ worker and at 20 concurrent workers:
 Clients, each in subprocesses of its own, all with a pool of 20
 (``pool_size=20, max_overflow=0``, filled before timing):
 
-- ``txfiberdb``: ``postgresql+txpostgres`` in fibers (20 fibers at 20 workers);
+- ``txfiberdb``: ``postgresql+txpostgres`` in fibers (20 fibers at 20 workers),
+  with the dialect's defaults: the ROLLBACK that ends each operation is not
+  waited for (``background_end``) and the SELECT is prepared on each
+  connection after 5 runs (``prepare_threshold``);
+- ``txfiberdb-off``: the same with both levers off
+  (``background_end=False, prepare_threshold=None``);
 - ``asyncpg``: ``create_async_engine("postgresql+asyncpg")`` with
   ``AsyncSession`` / ``AsyncConnection`` (20 tasks);
 - ``deferToThread``: sync SQLAlchemy + psycopg2 called through
@@ -233,13 +238,15 @@ def _workers(args: argparse.Namespace) -> int:
     return PHASES[args.phase][1]
 
 
-def child_txfiberdb(args: argparse.Namespace) -> list[Any]:
+def child_txfiberdb(args: argparse.Namespace, **connect_args: Any) -> list[Any]:
     from sqlalchemy import create_engine
     from twisted.internet.defer import gatherResults
 
     from txfiberdb.fiber import await_deferred, run_in_fiber
 
-    engine = create_engine(_url(args.dsn, "txpostgres"), **POOL)
+    engine = create_engine(
+        _url(args.dsn, "txpostgres"), connect_args=connect_args, **POOL
+    )
 
     def main(args: argparse.Namespace, cells: list[Cell]) -> None:
         workers = _workers(args)
@@ -378,8 +385,14 @@ def child_asyncpg(args: argparse.Namespace) -> list[Any]:
     return [c.as_dict() for c in asyncio.run(main())]
 
 
+def child_txfiberdb_off(args: argparse.Namespace) -> list[Any]:
+    """Both levers off: every ROLLBACK waited for, nothing prepared."""
+    return child_txfiberdb(args, background_end=False, prepare_threshold=None)
+
+
 CHILDREN: dict[str, Callable[[argparse.Namespace], list[Any]]] = {
     "txfiberdb": child_txfiberdb,
+    "txfiberdb-off": child_txfiberdb_off,
     "asyncpg": child_asyncpg,
     "deferToThread": child_deferToThread,
     "sync": child_sync,
@@ -389,6 +402,10 @@ LABELS = {
     "txfiberdb": (
         "postgresql+txpostgres in a fiber",
         "postgresql+txpostgres, 20 fibers",
+    ),
+    "txfiberdb-off": (
+        "postgresql+txpostgres in a fiber, levers off",
+        "postgresql+txpostgres, 20 fibers, levers off",
     ),
     "asyncpg": (
         "asyncio + asyncpg, `AsyncSession` / `AsyncConnection`",

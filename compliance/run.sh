@@ -77,6 +77,26 @@ compare_suite() {  # compare_suite SUITE DIR FILE [pytest args...]
         "$PYTHON" "$here/compare.py" "$logs/$suite-psycopg2.xml" "$logs/$suite-txpostgres.xml"
         cmp_rc=$?
     fi
+    if [ "$suite" = sqlalchemy ]; then
+        # Once more with auto-prepare at threshold 0: every statement the
+        # driver can prepare goes through PREPARE/EXECUTE
+        # (doc/howto/performance.md).
+        local prepared_url tp_rc
+        case "$COMPLIANCE_URL_TXPOSTGRES" in
+            *\?*) prepared_url="$COMPLIANCE_URL_TXPOSTGRES&prepare_threshold=0" ;;
+            *) prepared_url="$COMPLIANCE_URL_TXPOSTGRES?prepare_threshold=0" ;;
+        esac
+        run "$suite" "$dir" "$file" txpostgres-prepared "$prepared_url" "$@"
+        tp_rc=$?
+        echo "postgresql+txpostgres, prepare_threshold=0: $(summary "$suite-txpostgres-prepared")   (pytest exit $tp_rc)"
+        if [ -s "$logs/$suite-psycopg2.xml" ] && [ -s "$logs/$suite-txpostgres-prepared.xml" ]; then
+            echo "prepare_threshold=0:"
+            "$PYTHON" "$here/compare.py" "$logs/$suite-psycopg2.xml" "$logs/$suite-txpostgres-prepared.xml" || cmp_rc=$?
+        fi
+        if [ "$tp_rc" -ne 0 ] && [ "$tx_rc" -eq 0 ]; then
+            tx_rc="$tp_rc"
+        fi
+    fi
     if [ "$pg_rc" -ne 0 ]; then
         echo "note: the psycopg2 reference run did not pass cleanly: a server or" \
              "requirements matter, not txpostgres's"

@@ -209,6 +209,16 @@ class IdleKillTests(DrillTestCase):
         # Overlapping requests, so that the pool opens several connections.
         replies = self.get_all(["/test?seconds=0.3"] * 10, concurrency=10)
         self.assertEqual({r.code for r in replies}, {200})
+        # Requests that hold a connection for one round trip (background_end)
+        # rarely overlap: open a few connections at once for sure.
+        engine = self.shop.db.engine
+
+        def hold():
+            with engine.connect() as c:
+                c.exec_driver_sql("SELECT 1")
+                sleep(0.05)
+
+        await_deferred(gatherResults([run_in_fiber(hold) for _ in range(5)]))
         opened = self.backends()
         self.assertGreaterEqual(opened, 10)
         self.assertEqual(self.kill_backends(), opened)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dbapi -*-
+# -*- test-case-name: tests.test_dbapi,tests.test_background_end,tests.test_prepare -*-
 """
 A PEP 249 (DB-API 2.0) driver for PostgreSQL, for code running in fibers.
 
@@ -36,6 +36,12 @@ psycopg2; this module hides the differences:
 - A connection the server ended (killed backend, restart) reports itself
   closed and raises psycopg2's ``OperationalError``/``InterfaceError``;
   nothing is logged as an unhandled error.
+- Two options of :func:`connect`, off by default (the SQLAlchemy dialect
+  turns them on): ``background_end`` ends transactions without waiting where
+  the outcome cannot matter (``rollback()``; ``commit()`` of a transaction
+  that only read), and ``prepare_threshold`` prepares statements run often
+  on the connection (SQL ``PREPARE``/``EXECUTE``, psycopg 3's semantics).
+  doc/howto/performance.md.
 
 Errors are psycopg2's own classes, so ``except psycopg2.IntegrityError`` keeps
 working.  Types are converted as psycopg2 converts them (json, jsonb, uuid,
@@ -51,6 +57,7 @@ import re
 import select
 import socket
 import sys
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
@@ -100,6 +107,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import txpostgres
 
+from txfiberdb._prepared import (
+    _DDL_TAGS,
+    _DROPS_PREPARED,
+    _PROCESS_TOKEN,
+    DEFAULT_PREPARED_MAX,
+    _PreparedCache,
+)
 from txfiberdb.fiber import (
     NotInFiberError,
     WaitTimeout,
@@ -237,6 +251,16 @@ CANCEL_HELPERS = 8
 _cancel_helpers = DeferredSemaphore(CANCEL_HELPERS)
 
 _COPY_HINT = re.compile("copy", re.IGNORECASE).search
+
+# A statement that reads (background_end): its command tag, and its text.
+_READ_TAGS = ("SELECT", "FETCH", "MOVE", "SHOW")
+_READ_STATEMENT = re.compile(
+    r"\s*(?:SELECT|VALUES|TABLE|SHOW|FETCH|MOVE)\b", re.I
+).match
+_INTO = re.compile(r"\bINTO\b", re.I).search
+
+
+_connection_serial = 0
 
 
 class _CancelUnconfirmed(Exception):
@@ -393,6 +417,7 @@ class _Wire(txpostgres.Connection):
         self.lost_observers: list[Callable[[str], Any]] = []
         self.watching = False  # the socket is registered with the reactor
         self.linger = False  # autocommit: stay watched between statements
+        self.background = False  # the query running is a background end
         self._fd = -1
         self.local_port: Optional[int] = None  # our end's TCP port
 
@@ -543,6 +568,22 @@ class _Wire(txpostgres.Connection):
         self._advance()
         return self.busy
 
+    def finish_background(self, timeout: float = 5.0) -> bool:
+        """
+        Wait, blocking, for a background end to complete; whether the
+        connection is then idle and unwatched.  For test harnesses only
+        (trial's clean-reactor check at the end of a test): it blocks the
+        reactor's thread.
+        """
+        deadline = time.monotonic() + timeout
+        while self.busy and self._fd >= 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([self._fd], [], [], left)
+            self._advance()
+        return not self.watching
+
     def cancel(self) -> None:
         """The parked fiber is cancelled: wake it (the query goes on)."""
         fib, self.fiber = self.fiber, None
@@ -571,7 +612,7 @@ class _Wire(txpostgres.Connection):
             )
 
     def _finish(self, result: Any) -> None:
-        self.busy = False
+        self.busy = self.background = False
         if self._connection.closed and self._fd >= 0:
             self._forget()
         elif self._fd >= 0:
@@ -666,6 +707,18 @@ def connect(
         psycopg2 cursor class: ``DictCursor``, ...), as psycopg2's
         ``connect()`` takes it.  (``connection_factory`` is refused with
         ``NotSupportedError``.)
+    :param background_end: end transactions without waiting where the
+        outcome cannot matter to the caller: ``rollback()``, and ``commit()``
+        of a transaction that ran only reads (see :meth:`Connection.commit`);
+        the next use of the connection waits for it if needed
+        (doc/howto/performance.md).  Off by default; the dialect turns it on.
+    :param prepare_threshold: prepare a statement on the server (SQL
+        ``PREPARE``/``EXECUTE``) once ``execute()`` has run it this many times
+        on the connection; 0 prepares at once; None (the default here; the
+        dialect's default is 5) never.  Turn it off behind PgBouncer in
+        transaction mode.
+    :param prepared_max: how many prepared statements a connection keeps
+        (least recently used ones are deallocated), 100 by default.
     :param connect_timeout: seconds for the whole connection attempt; also
         read from the DSN; :data:`DEFAULT_CONNECT_TIMEOUT` (10 s) when given
         nowhere, 0 for no limit.  psycopg2 ignores it for asynchronous
@@ -686,6 +739,9 @@ def connect(
     if reactor is None:
         from twisted.internet import reactor
     cursor_factory = kwargs.pop("cursor_factory", None)
+    background_end = _parse_flag(kwargs.pop("background_end", False), "background_end")
+    prepare_threshold = _parse_threshold(kwargs.pop("prepare_threshold", None))
+    prepared_max = int(kwargs.pop("prepared_max", DEFAULT_PREPARED_MAX))
     if kwargs.pop("connection_factory", None) is not None:
         raise NotSupportedError(
             "connection_factory is not supported: a txfiberdb connection wraps "
@@ -749,7 +805,37 @@ def connect(
     conn = Connection(wire, params)
     if cursor_factory is not None:
         conn.cursor_factory = cursor_factory
+    conn.background_end = background_end
+    conn.set_prepare_threshold(prepare_threshold, prepared_max)
     return conn
+
+
+def _parse_flag(value: Any, name: str) -> bool:
+    """A boolean option, also as a URL query string gives it ("true", "0")."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{name} must be true or false, not {value!r}")
+    return bool(value)
+
+
+def _parse_threshold(value: Any) -> Optional[int]:
+    """prepare_threshold: None (or "none", "off", "") for never, else an int >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() in ("none", "null", "off", ""):
+            return None
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"prepare_threshold must be None (never prepare) or an int >= 0, "
+            f"not {value!r}"
+        )
+    return value
 
 
 def _server_name(params: str, raw: Any) -> str:
@@ -837,6 +923,25 @@ class Connection:
         self._tpc_prepared = False  # after tpc_prepare()
         self._closed_by_user = False
         self._gucs: set[str] = set()  # default_transaction_* we set (autocommit)
+        # The end of a transaction sent without waiting (background_end):
+        # "COMMIT" or "ROLLBACK" while in flight or not yet collected.
+        self._background: Optional[str] = None
+        self.background_end = False
+        self._prepared_max = DEFAULT_PREPARED_MAX
+        # Whether every statement of the transaction in progress was a read,
+        # as its command tag says (see _note_tag).
+        self._reads_only = False
+        self._prepared: Optional[_PreparedCache] = None
+        global _connection_serial
+        _connection_serial += 1
+        self._serial = _connection_serial
+        #: Counted by the driver: ``round_trips``, statements a caller waited
+        #: for (whether or not the answer was there at once); ``sent``, all
+        #: statements sent (background ends included); ``waits``, times a
+        #: fiber parked for this connection.
+        self.round_trips = 0
+        self.sent = 0
+        self.waits = 0
         # Dropped without close(): the reactor's reader and the server's
         # backend would otherwise outlive it for as long as the process.
         self._finalizer = weakref.finalize(self, _close_forgotten, wire)
@@ -915,7 +1020,10 @@ class Connection:
 
     @property
     def in_transaction(self) -> bool:
-        """Whether a transaction is open on the server (ours or the user's)."""
+        """Whether a transaction is open on the server (ours or the user's).
+        False while its end runs in the background (``background_end``)."""
+        if self._background is not None:
+            return False
         status = self._raw.get_transaction_status()
         return status not in (TRANSACTION_STATUS_IDLE, TRANSACTION_STATUS_UNKNOWN)
 
@@ -1111,9 +1219,14 @@ class Connection:
         self._user = fib
         wire = self._wire
         try:
+            if self._background is not None:
+                self._settle_background(fib)
             start()
+            self.sent += 1
+            self.round_trips += 1
             if wire.begin():
                 wire.fiber = fib
+                self.waits += 1
                 try:
                     park(wire)
                 except BaseException:
@@ -1247,6 +1360,7 @@ class Connection:
             )
         if (self._autocommit and not self._entered) or self.in_transaction:
             return ""
+        self._reads_only = True
         return self._begin + ";"
 
     # -- PEP 249 ------------------------------------------------------------
@@ -1288,8 +1402,13 @@ class Connection:
             raise ProgrammingError(
                 "commit cannot be used during a two-phase transaction"
             )
+        if self._background is not None:
+            return  # the transaction is ending already
         if self.in_transaction:
+            if self._commit_in_background():
+                return
             raw = self._control_cursor()
+            self._reads_only = False
             self._run(lambda: raw.execute("COMMIT"))
         self._wire.unwatch_if_idle(force=True)
 
@@ -1303,8 +1422,14 @@ class Connection:
         self._rollback()
 
     def _rollback(self) -> None:
+        if self._background is not None:
+            return  # the transaction is ending already
         if self.in_transaction:
+            if self.background_end and self._tpc_xid is None:
+                self.end_in_background("ROLLBACK")
+                return
             raw = self._control_cursor()
+            self._reads_only = False
             self._run(lambda: raw.execute("ROLLBACK"))
         self._wire.unwatch_if_idle(force=True)
 
@@ -1313,6 +1438,176 @@ class Connection:
         if self._ctl is None:
             self._ctl = self._raw.cursor()
         return self._ctl
+
+    # -- the end of a transaction, in the background ---------------------------
+
+    def end_in_background(self, command: str = "ROLLBACK") -> None:
+        """
+        Send ``command`` (``"ROLLBACK"`` or ``"COMMIT"``) to end the open
+        transaction, and return at once: nobody waits for the answer.  The
+        next use of the connection (a query, :meth:`check_alive` at a pool's
+        checkout, :meth:`commit`) waits for it only if it has not arrived
+        yet; if the server refused it or the connection was lost, the
+        connection is closed then (the pool replaces it), with a log line.
+        Callable from the reactor's greenlet: nothing waits.  No-op when no
+        transaction is open.
+        """
+        if command not in ("COMMIT", "ROLLBACK"):
+            raise ValueError(
+                f"end_in_background takes COMMIT or ROLLBACK, not {command!r}"
+            )
+        self._check_open()
+        if self._user is not None:
+            raise ProgrammingError(
+                f"this connection is in use by another fiber ({self._user!r})"
+            )
+        self._reads_only = False
+        if self._background is not None or not self.in_transaction:
+            return
+        wire = self._wire
+        raw = self._control_cursor()
+        try:
+            raw.execute(command)
+        except psycopg2.Error:
+            wire.close()  # lost: the server ends the transaction itself
+            return
+        self.sent += 1
+        self._background = command
+        wire.begin()  # the outcome waits in wire.outcome when nobody parks
+        wire.background = wire.busy
+
+    @property
+    def ending(self) -> Optional[str]:
+        """``"COMMIT"``/``"ROLLBACK"`` while the end of the last transaction
+        runs in the background and its outcome is not collected yet."""
+        return self._background
+
+    def _commit_in_background(self) -> bool:
+        """
+        With ``background_end``: COMMIT a transaction whose statements were
+        all reads (their command tags) without waiting.  Not at SERIALIZABLE,
+        where a read-only transaction's COMMIT may report a serialization
+        failure that its reads must not outlive.
+        """
+        if (
+            self.background_end
+            and self._reads_only
+            and self._isolation_level
+            != psycopg2.extensions.ISOLATION_LEVEL_SERIALIZABLE
+            and self._tpc_xid is None
+        ):
+            self.end_in_background("COMMIT")
+            return True
+        return False
+
+    def _settle_background(self, fib: Any) -> None:
+        """
+        Collect the outcome of the background end, parking ``fib`` while it
+        is still running.  A failed end closes the connection and raises
+        ``OperationalError``; a cancel while parked leaves it pending.
+        """
+        command = self._background
+        wire = self._wire
+        failure: Any = None
+        if wire.busy:
+            if fib is None:
+                raise NotInFiberError(
+                    "a txfiberdb connection was used outside a fiber while its "
+                    "last transaction was still ending: run this code in a fiber"
+                )
+            wire.fiber = fib
+            self.waits += 1
+            try:
+                park(wire)
+            except CancelledError:
+                if wire.busy:
+                    wire.fiber = None
+                    raise  # still running: the next use waits for it
+                failure = Failure()
+            except Exception:
+                failure = Failure()
+        else:
+            failure, wire.outcome = wire.outcome, None
+        self._background = None
+        if not isinstance(failure, Failure):
+            return
+        text = str(failure.value).strip()
+        reason = text.splitlines()[0] if text else type(failure.value).__name__
+        if command == "COMMIT":
+            _log.error(
+                "a COMMIT sent in the background failed ({reason}): the "
+                "transaction had run only reads (by their command tags), but "
+                "whatever a function it called wrote is lost; the connection "
+                "is closed. Commit such transactions explicitly or turn "
+                "background_end off (doc/howto/performance.md)",
+                reason=reason,
+            )
+        else:
+            _log.info(
+                "a ROLLBACK sent in the background failed ({reason}): the "
+                "connection is closed",
+                reason=reason,
+            )
+        wire.close()
+        raise OperationalError(
+            f"the {command} that ended the previous transaction in the "
+            f"background failed ({reason}): the connection was closed"
+        )
+
+    # -- auto-prepare ----------------------------------------------------------
+
+    @property
+    def prepare_threshold(self) -> Optional[int]:
+        """
+        Run a statement this many times on this connection, then prepare it
+        on the server (SQL ``PREPARE``; later runs send ``EXECUTE``); 0
+        prepares at once, None never (as psycopg 3's attribute of that name;
+        doc/howto/performance.md).  Setting it forgets what was prepared.
+        """
+        return None if self._prepared is None else self._prepared.threshold
+
+    @prepare_threshold.setter
+    def prepare_threshold(self, value: Any) -> None:
+        self.set_prepare_threshold(_parse_threshold(value), self.prepared_max)
+
+    @property
+    def prepared_max(self) -> int:
+        """How many prepared statements this connection keeps at most."""
+        return self._prepared_max
+
+    @prepared_max.setter
+    def prepared_max(self, value: int) -> None:
+        self.set_prepare_threshold(self.prepare_threshold, int(value))
+
+    def set_prepare_threshold(self, threshold: Optional[int], maxsize: int) -> None:
+        self._prepared_max = int(maxsize)
+        old = self._prepared
+        if threshold is None:
+            self._prepared = None
+        else:
+            self._prepared = _PreparedCache(
+                threshold,
+                self._prepared_max,
+                f"{_PROCESS_TOKEN}_{self._serial}",
+                self._raw.server_version,
+            )
+            if old is not None:  # keep the names unique
+                self._prepared.serial = old.serial
+        if old is not None and self._prepared is not None:
+            self._prepared.deallocate = [e.name for e in old.names.values()]
+            self._prepared.deallocate.extend(old.deallocate)
+
+    def _note_tag(self, operation: Any, tag: Optional[str]) -> None:
+        """After a statement of a transaction: is it still read-only?"""
+        if not (
+            isinstance(operation, str)
+            and tag is not None
+            and tag.startswith(_READ_TAGS)
+            and _READ_STATEMENT(operation) is not None
+            and ";" not in operation
+            and _INTO(operation) is None
+        ):
+            self._reads_only = False
 
     def close(self) -> None:
         """Close the connection (the server rolls back an open transaction)."""
@@ -1391,15 +1686,30 @@ class Connection:
         if not self._raw.closed:
             self._wire.unwatch_if_idle(force=True)
 
-    def check_alive(self) -> bool:
+    def check_alive(self, wait: bool = False) -> bool:
         """
         Whether the connection is still usable, learnt without a round trip:
         what the server sent while the connection was idle is read (a server
         that ended the connection, killed backend or restart, says so before
         it closes the socket).  False once closed.  The pool calls this at
         checkout, so a connection that died in the pool is replaced instead
-        of being handed out.
+        of being handed out.  A transaction's end that ran in the background
+        (``background_end``) is collected: when it failed, the connection is
+        closed and this returns False.  One still running is waited for with
+        ``wait=True`` (from a fiber: the pool's checkout); otherwise this
+        returns True and the next query waits for it.
         """
+        if self._background is not None and self._user is None:
+            fib = current_fiber()
+            if self._wire.busy and (not wait or fib is None):
+                return True  # the next query (or a checkout) waits for it
+            self._user = fib
+            try:
+                self._settle_background(fib)
+            except psycopg2.Error:
+                return False
+            finally:
+                self._user = None
         return self._wire.check_idle()
 
     # -- two-phase commit (PEP 249's optional tpc_* extension) -----------------
@@ -1600,7 +1910,130 @@ class Cursor(_PGCursor):
         result is kept), parking the fiber until the server answers."""
         operation = _sql_text(operation, self._conn._raw)
         _refuse_copy(operation)
+        cache = self._conn._prepared
+        if cache is not None and type(operation) is str:
+            if cache.names and _DROPS_PREPARED(operation):
+                self._execute(operation, parameters)
+                cache.clear()
+                return
+            key = cache.key(operation, parameters)
+            if key is not None and self._execute_prepared(
+                cache, key, operation, parameters
+            ):
+                return
+            self._execute(operation, parameters)
+            # DDL on this connection may change what a prepared statement
+            # returns: forget them all, as psycopg 3 does.
+            if cache.names and (self._raw.statusmessage or "").startswith(_DDL_TAGS):
+                cache.clear()
+                cache.deallocate.append("ALL")
+            return
         self._execute(operation, parameters)
+
+    def _execute_prepared(
+        self, cache: _PreparedCache, key: Any, operation: str, parameters: Any
+    ) -> bool:
+        """
+        Run ``operation`` as a prepared statement, preparing it first when
+        its time has come; False when it is to run unprepared instead.
+        """
+        entry = cache.names.get(key)
+        if entry is None:
+            if not cache.should_prepare(key):
+                return False
+            built = cache.build(key, operation, parameters)
+            if built is None:
+                cache.refuse(key)
+                return False
+            prepare, entry = built
+            if not self._prepare(cache, key, prepare):
+                return False
+            cache.add(key, entry)
+        else:
+            cache.names.move_to_end(key)
+        conn = self.connection
+        self._rowcount_override = None
+        prefix = conn._begin_prefix()
+        raw = self._raw
+        args = entry.args(parameters)
+        sql = prefix + entry.execute if prefix else entry.execute
+        try:
+            conn._run(lambda: raw.execute(sql, args))
+        except psycopg2.Error as e:
+            if not self._stale_plan(cache, key, e):
+                raise
+            # The statement failed before doing anything; the user's query
+            # is run again unprepared when nothing else was undone with it:
+            # its transaction began in the same round trip, or there is none.
+            if prefix:
+                ctl = conn._control_cursor()
+                conn._run(lambda: ctl.execute("ROLLBACK"))
+            elif conn.in_transaction:
+                raise
+            self._execute(operation, parameters)
+            return True
+        if conn._reads_only:
+            conn._note_tag(operation, raw.statusmessage)
+        return True
+
+    def _stale_plan(self, cache: _PreparedCache, key: Any, error: Exception) -> bool:
+        """Whether ``error`` says the server's prepared statement is stale or
+        gone (then it is forgotten, to be prepared again)."""
+        code = getattr(error, "pgcode", None)
+        if code == "0A000" and "cached plan must not change result type" in str(error):
+            cache.forget(key)
+            return True
+        if code == "26000":  # prepared statement does not exist
+            cache.clear()
+            cache.lost += 1
+            if cache.lost >= 3:
+                _log.warn(
+                    "auto-prepare turned off on a connection: the server lost "
+                    "its prepared statements {n} times (a pooler such as "
+                    "PgBouncer in transaction mode?); set prepare_threshold="
+                    "None for such servers",
+                    n=cache.lost,
+                )
+                self.connection._prepared = None
+            return True
+        return False
+
+    def _prepare(self, cache: _PreparedCache, key: Any, prepare: str) -> bool:
+        """
+        Send ``PREPARE`` (and the deallocation of evicted statements) in a
+        round trip of its own, before the statement's first ``EXECUTE``.
+        Outside a transaction it runs alone; inside one, in a savepoint, so
+        that a statement PREPARE refuses (a parameter type it cannot infer)
+        aborts nothing: it is then run unprepared for good.
+        """
+        conn = self.connection
+        raw = conn._control_cursor()
+        drops = "".join(f"DEALLOCATE {name};" for name in cache.deallocate)
+        cache.deallocate = []
+        in_tx = conn.in_transaction
+        if in_tx and conn.get_transaction_status() != TRANSACTION_STATUS_INTRANS:
+            return False  # an aborted transaction: nothing can run
+        if in_tx:
+            sql = (
+                f"SAVEPOINT _txf_prepare;{drops}{prepare};"
+                f"RELEASE SAVEPOINT _txf_prepare"
+            )
+        else:
+            sql = drops + prepare
+        try:
+            conn._run(lambda: raw.execute(sql))
+        except psycopg2.Error:
+            if in_tx and conn.in_transaction:
+                conn._run(
+                    lambda: raw.execute(
+                        "ROLLBACK TO SAVEPOINT _txf_prepare;"
+                        "RELEASE SAVEPOINT _txf_prepare"
+                    )
+                )
+            if not drops:
+                cache.refuse(key)
+            return False
+        return True
 
     def _execute(self, operation: Any, parameters: Any = None) -> None:
         # execute() without the COPY check: for statements built here from a
@@ -1609,15 +2042,20 @@ class Cursor(_PGCursor):
         self._rowcount_override = None
         prefix = conn._begin_prefix()
         raw = self._raw
+        text = operation
         if prefix:
             if parameters is not None:
                 operation = raw.mogrify(operation, parameters)
                 parameters = None
             if isinstance(operation, bytes):
-                operation = prefix.encode() + operation
+                sent = prefix.encode() + operation
             else:
-                operation = prefix + operation
-        conn._run(lambda: raw.execute(operation, parameters))
+                sent = prefix + operation
+        else:
+            sent = operation
+        conn._run(lambda: raw.execute(sent, parameters))
+        if conn._reads_only:
+            conn._note_tag(text, raw.statusmessage)
 
     @_refusing_unstorable
     def executemany(self, operation: Any, seq_of_parameters: Sequence[Any]) -> None:
@@ -1663,6 +2101,7 @@ class Cursor(_PGCursor):
         raw = self._raw
         if conn._begin_prefix():
             conn._run(lambda: raw.execute(conn._begin))
+        conn._reads_only = False
         conn._run(lambda: raw.callproc(procname, parameters))
         return parameters
 

@@ -30,6 +30,19 @@ The default pool is :class:`txfiberdb.pool.FiberQueuePool` (SQLAlchemy's
 ``pool_timeout``, ``pool_recycle``, ``pool_pre_ping`` and ``pool_use_lifo``
 mean what they mean in SQLAlchemy.
 
+Two driver options are on by default here (``doc/howto/performance.md``);
+the URL's query string or ``connect_args`` turn them off:
+
+- ``background_end``: a ROLLBACK (``Session.close()``, the pool's reset), and
+  the COMMIT of a transaction whose statements were all reads, are sent
+  without waiting; the next checkout waits for them if needed, and a failed
+  one discards the connection.  A read-only request is one round trip.
+  ``?background_end=false`` waits for every end.
+- ``prepare_threshold`` (default :data:`DEFAULT_PREPARE_THRESHOLD`, 5) and
+  ``prepared_max`` (100): statements run that many times on a connection are
+  prepared on the server (psycopg 3's semantics).  ``?prepare_threshold=none``
+  behind PgBouncer in transaction mode.
+
 Type handling is the psycopg2 dialect's (this dialect derives from it):
 json, jsonb, uuid, arrays, ranges, numerics, hstore (registered when the
 extension exists; its OIDs are looked up with an ordinary query).
@@ -77,7 +90,11 @@ from sqlalchemy.dialects.postgresql.psycopg2 import (
 
 from txfiberdb.pool import FiberQueuePool, install_fiber_mutexes
 
-__all__ = ["TxPostgresDialect", "dialect"]
+__all__ = ["DEFAULT_PREPARE_THRESHOLD", "TxPostgresDialect", "dialect"]
+
+#: Runs of a statement on a connection before it is prepared (psycopg 3's
+#: default); ``?prepare_threshold=none`` in the URL turns auto-prepare off.
+DEFAULT_PREPARE_THRESHOLD = 5
 
 
 class TxPostgresExecutionContext(PGExecutionContext_psycopg2):
@@ -89,8 +106,10 @@ def _refuse_dead_connection(dbapi_connection: Any, record: Any, proxy: Any) -> N
     # restart) is replaced by the pool, without a round trip: the driver
     # reads what the server sent it meanwhile.  (pool_pre_ping, a round trip
     # per checkout, is not needed for this.)
+    # A transaction's end still running in the background (background_end)
+    # is waited for here; one that failed discards the connection.
     check = getattr(dbapi_connection, "check_alive", None)
-    if check is not None and not check():
+    if check is not None and not check(wait=True):
         raise exc.DisconnectionError(
             "connection ended by the server while idle in the pool"
         )
@@ -151,6 +170,11 @@ class TxPostgresDialect(PGDialect_psycopg2):
         args, opts = super().create_connect_args(url)
         if self.client_encoding is not None:
             opts["client_encoding"] = self.client_encoding
+        # The driver's two levers (doc/howto/performance.md), on by default
+        # here; the URL or connect_args override them
+        # (?prepare_threshold=none&background_end=false).
+        opts.setdefault("background_end", True)
+        opts.setdefault("prepare_threshold", DEFAULT_PREPARE_THRESHOLD)
         return args, opts
 
     def on_connect(self) -> Any:

@@ -16,7 +16,9 @@ Klein glue: run a route in a fiber, with a Session per request.
 
 The handler is ordinary synchronous SQLAlchemy code, run in a fiber of the
 :class:`~txfiberdb.service.EngineService` (so shutdown waits for it).  Its
-Session commits when it returns and rolls back when it raises.  A dict or
+Session commits when it returns and rolls back when it raises (with the
+dialect's defaults, a transaction that only read, and every rollback, end
+without the request waiting for the server: doc/howto/performance.md).  A dict or
 list is sent as JSON; ``bytes``/``str`` as they are; ``None`` as an empty
 body (set the code with ``request.setResponseCode``: 201, 204...).
 

@@ -281,6 +281,8 @@ def _close_connections_left_watched() -> list[str]:
     for selectable in list(reactor.getReaders()):
         if not isinstance(selectable, dbapi._Wire):
             continue
+        if selectable.background and selectable.finish_background():
+            continue  # a pool's ROLLBACK (background_end), now done
         if selectable.busy:
             why = "a query still running"
         elif selectable._notifyObservers:
