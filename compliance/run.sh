@@ -16,6 +16,8 @@
 #   COMPLIANCE_LOG_DIR   where the logs and junit reports go (default: a new
 #                        temporary directory, removed when all went well)
 #   COMPLIANCE_SUITES    "sqlalchemy alembic" (default), or one of them
+#   COMPLIANCE_PREPARED  0: no third run of SQLAlchemy's suite with
+#                        prepare_threshold=0 (default: run it)
 #
 # Exit status: 0 when each txpostgres run has no failures or errors and passes
 # every test its psycopg2 run passes; otherwise the first failing txpostgres
@@ -77,7 +79,7 @@ compare_suite() {  # compare_suite SUITE DIR FILE [pytest args...]
         "$PYTHON" "$here/compare.py" "$logs/$suite-psycopg2.xml" "$logs/$suite-txpostgres.xml"
         cmp_rc=$?
     fi
-    if [ "$suite" = sqlalchemy ]; then
+    if [ "$suite" = sqlalchemy ] && [ "${COMPLIANCE_PREPARED:-1}" != 0 ]; then
         # Once more with auto-prepare at threshold 0: every statement the
         # driver can prepare goes through PREPARE/EXECUTE
         # (doc/howto/performance.md).

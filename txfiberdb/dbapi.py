@@ -191,7 +191,7 @@ def _parse_isolation_level(value: Any) -> Optional[int]:
     if name.upper() == "DEFAULT":
         return None
     if name.upper() in _ISOLATION_LEVELS:
-        return _ISOLATION_LEVELS[name.upper()]
+        return _ISOLATION_LEVELS[name.upper()]  # type: ignore[no-any-return]
     raise ValueError(
         f"bad value for isolation_level: {name!r}: use one of "
         f"{sorted(_ISOLATION_LEVELS)}, 'default', or psycopg2's "
@@ -267,7 +267,7 @@ class _CancelUnconfirmed(Exception):
     """The server did not answer a cancel within CANCEL_GRACE."""
 
 
-class UnstorableValueError(DataError, ValueError):
+class UnstorableValueError(DataError, ValueError):  # type: ignore[misc]
     """
     A parameter PostgreSQL cannot store: a NUL character in text, or a
     string that is not valid Unicode (an unpaired surrogate).  psycopg2
@@ -389,7 +389,7 @@ class RecoveredXid(psycopg2.extensions.Xid):  # type: ignore[misc]
         return repr(self._parsed)
 
 
-class _Wire(txpostgres.Connection):
+class _Wire(txpostgres.Connection):  # type: ignore[misc]
     """
     txpostgres's Connection, with a lean path for a connection that one fiber
     owns at a time: one poll per readable event, no lock and no extra reactor
@@ -425,7 +425,7 @@ class _Wire(txpostgres.Connection):
     # when libpq drops its socket half-way, e.g. while a server starts or
     # stops: "file descriptor cannot be a negative integer") -------------------
 
-    def connect(self, params: str) -> Deferred[Any]:  # type: ignore[override]
+    def connect(self, params: str) -> Deferred[Any]:
         """Start connecting; the Deferred fires with self, or fails."""
         try:
             self._connection = psycopg2.connect(params, async_=True)
@@ -1389,7 +1389,7 @@ class Connection:
         factory = cursor_factory or self.cursor_factory
         cls = _cursor_class(ServerCursor if name is not None else Cursor, factory)
         if name is None:
-            return cls(self)
+            return cls(self)  # type: ignore[no-any-return]
         cur = cls(self, name)
         cur.withhold = withhold
         cur.scrollable = scrollable
@@ -1862,7 +1862,7 @@ class Connection:
 _PGCursor: Any = psycopg2.extensions.cursor
 
 
-class Cursor(_PGCursor):
+class Cursor(_PGCursor):  # type: ignore[misc]
     """
     A client-side cursor: each result arrives whole, fetches do no I/O.
 

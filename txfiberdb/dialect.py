@@ -126,7 +126,7 @@ class TxPostgresDialect(PGDialect_psycopg2):
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.pop("executemany_mode", None)
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
 
     @classmethod
     def import_dbapi(cls) -> Any:
@@ -163,11 +163,11 @@ class TxPostgresDialect(PGDialect_psycopg2):
             install_fiber_mutexes(engine.pool)
 
     def initialize(self, connection: Any) -> None:
-        super().initialize(connection)
+        super().initialize(connection)  # type: ignore[no-untyped-call]
         self.supports_sane_multi_rowcount = False
 
     def create_connect_args(self, url: Any) -> Any:
-        args, opts = super().create_connect_args(url)
+        args, opts = super().create_connect_args(url)  # type: ignore[no-untyped-call]
         if self.client_encoding is not None:
             opts["client_encoding"] = self.client_encoding
         # The driver's two levers (doc/howto/performance.md), on by default
@@ -243,7 +243,7 @@ class TxPostgresDialect(PGDialect_psycopg2):
         if is_prepared:
             self._finish_prepared(connection, "COMMIT PREPARED", xid)
         else:
-            self.do_commit(connection.connection)
+            self.do_commit(connection.connection)  # type: ignore[no-untyped-call]
 
     def do_rollback_twophase(
         self, connection: Any, xid: Any, is_prepared: bool = True, recover: bool = False
@@ -251,7 +251,7 @@ class TxPostgresDialect(PGDialect_psycopg2):
         if is_prepared:
             self._finish_prepared(connection, "ROLLBACK PREPARED", xid)
         else:
-            self.do_rollback(connection.connection)
+            self.do_rollback(connection.connection)  # type: ignore[no-untyped-call]
 
     def _finish_prepared(self, connection: Any, command: str, xid: Any) -> None:
         dbapi_conn = connection.connection.dbapi_connection
@@ -267,8 +267,8 @@ class TxPostgresDialect(PGDialect_psycopg2):
             dbapi_conn.autocommit = before
 
     @property
-    def _is_disconnect_messages(self) -> tuple[str, ...]:  # type: ignore[override]
-        return super()._is_disconnect_messages + (
+    def _is_disconnect_messages(self) -> tuple[str, ...]:
+        return super()._is_disconnect_messages + (  # type: ignore[no-any-return]
             "the connection to the server was lost",
             "the connection was closed",
         )

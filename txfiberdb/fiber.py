@@ -160,7 +160,7 @@ class Waiter(Protocol):
     def cancel(self) -> Any: ...
 
 
-class _Fiber(greenlet.greenlet):
+class _Fiber(greenlet.greenlet):  # type: ignore[misc]
     """A greenlet that waits through the bridge."""
 
     __slots__ = (

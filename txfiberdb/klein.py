@@ -542,8 +542,8 @@ class FiberRoutes:
             from werkzeug.exceptions import HTTPException
         except ImportError:  # pragma: no cover
             HTTPException = ()  # type: ignore[assignment,misc]
-        if isinstance(error, HTTPException):  # type: ignore[arg-type]
-            return error.code or 500, {"error": error.description}  # type: ignore[attr-defined]
+        if isinstance(error, HTTPException):
+            return error.code or 500, {"error": error.description}
         if isinstance(error, sa_exc.TimeoutError):
             return self._busy(
                 request,

@@ -174,7 +174,7 @@ class FiberQueuePool(QueuePool):
     Same arguments as :class:`sqlalchemy.pool.QueuePool`.
     """
 
-    _queue_class = FiberQueue  # type: ignore[assignment]
+    _queue_class = FiberQueue
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -143,7 +143,7 @@ class EngineService(Service):
             class_=RoutingSession, router=self.router, read_only=True
         )
         self.accepting = True
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self.log.info(
             "database engine started for {url}",
             url=self.engine.url.render_as_string(hide_password=True),
@@ -234,7 +234,7 @@ class EngineService(Service):
         """
         if self._stopping is not None:
             return self._stopping
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         self.accepting = False
         if self.engine is not None:
             # Fibers parked on notifications would wait for ever: end them

@@ -148,7 +148,7 @@ class WorkerOptions(usage.Options):
             options = sys.argv[1:]
         self.arguments = list(options)
         try:
-            super().parseOptions(options)
+            super().parseOptions(options)  # type: ignore[no-untyped-call]
         except usage.UsageError as e:
             # usage.Options words a failed coercion as "Parameter type
             # enforcement failed: <message>": keep only our message.
@@ -253,7 +253,7 @@ def listen(reactor: Any, description: str, factory: Factory) -> Deferred[Any]:
     fd_text = os.environ.pop(_ENV_FD, "")
     address = os.environ.pop(_ENV_ADDRESS, "")
     if not fd_text and not address:
-        return serverFromString(reactor, description).listen(factory)
+        return serverFromString(reactor, description).listen(factory)  # type: ignore[no-any-return]
     family = _FAMILIES[os.environ.get(_ENV_FAMILY, "inet")]
     if address:
         # TCP: a socket of our own in the supervisor's SO_REUSEPORT group.
@@ -355,7 +355,7 @@ class WorkerSupervisor(MultiService):
         reactor: Any = None,
         exit_on_failure: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.command = list(command)
         self.listen = listen
         self.workers = _workers_count(str(workers))
@@ -434,7 +434,7 @@ class WorkerSupervisor(MultiService):
     def privilegedStartService(self) -> None:
         # Bound before twistd drops privileges: a port below 1024 works.
         self._bind_or_give_up()
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
 
     _failed = False
 
@@ -536,7 +536,7 @@ class WorkerSupervisor(MultiService):
         if self._failed:
             Service.startService(self)
             return
-        super().startService()  # shared resources first
+        super().startService()  # type: ignore[no-untyped-call]  # shared first
         log.info(
             "supervisor: {n} worker(s) sharing {host} (--listen {listen})",
             n=self.workers,

@@ -125,7 +125,7 @@ def create_database(prefix: str = "txfiberdb_test") -> str:
 
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     _admin(f'CREATE DATABASE "{name}" TEMPLATE template0')
-    return make_dsn(test_server(), dbname=name)
+    return make_dsn(test_server(), dbname=name)  # type: ignore[no-any-return]
 
 
 def drop_database(dsn: str) -> None:
@@ -193,25 +193,25 @@ class FiberTestCase(TestCase):
                 result.addError(self, Failure(ConnectionLeftOpen(problem)))
                 self._passed = False
         with _janitor_for_pytest():
-            super()._cleanUp(result)  # type: ignore[misc]
+            super()._cleanUp(result)  # type: ignore[no-untyped-call]
 
     def _classCleanUp(self, result: Any) -> None:
         with _janitor_for_pytest():
-            super()._classCleanUp(result)  # type: ignore[misc]
+            super()._classCleanUp(result)  # type: ignore[no-untyped-call]
 
     if inspect.iscoroutinefunction(getattr(TestCase, "_deferSetUp", None)):
 
         async def _deferSetUp(self, result: Any) -> None:
             steps = self._steps = _StepFiber()
             try:
-                await super()._deferSetUp(result)  # type: ignore[misc]
+                await super()._deferSetUp(result)  # type: ignore[no-untyped-call]
             finally:
                 self._steps = None
                 from twisted.internet import reactor
 
                 # Bounded: an exit callback or a step that ignored its
                 # cancellation must not hang trial.
-                ended = steps.stop().addTimeout(self.getTimeout(), reactor)
+                ended = steps.stop().addTimeout(self.getTimeout(), reactor)  # type: ignore[no-untyped-call]
                 try:
                     await ended
                 except BaseException:
@@ -225,11 +225,11 @@ class FiberTestCase(TestCase):
         if callable(args[0]):
             steps = self._steps
             step = steps.runner(args[0]) if steps else _in_fiber(args[0])
-            return super()._run(step, *args[1:])  # type: ignore[misc]
+            return super()._run(step, *args[1:])  # type: ignore[no-untyped-call]
         name = args[0]
         setattr(self, name, _in_fiber(getattr(self, name)))
         try:
-            return super()._run(*args)  # type: ignore[misc]
+            return super()._run(*args)  # type: ignore[no-untyped-call]
         finally:
             delattr(self, name)
 
@@ -368,7 +368,7 @@ def _janitor_for_pytest() -> Iterator[None]:
         _trial_util._Janitor = real  # type: ignore[misc]
 
 
-class _SessionJanitor(_trial_util._Janitor):  # type: ignore[misc]
+class _SessionJanitor(_trial_util._Janitor):
     def postCaseCleanup(self) -> bool:
         return True
 
