@@ -45,6 +45,7 @@ from txfiberdb.testing import (
     TemporaryPgBouncer,
     TemporaryPostgres,
     TemporaryReplica,
+    dsn_to_url,
 )
 
 DEFAULT_STATE = os.path.join(tempfile.gettempdir(), "txfiberdb-topology")
@@ -180,7 +181,10 @@ def start(args: argparse.Namespace) -> int:
                 "--max-overflow",
                 "0",
                 "--dsn",
-                bouncer.dsn(),
+                # Transaction mode: no server-side prepared statements (a
+                # statement does not follow a client between server
+                # connections; doc/howto/performance.md).
+                dsn_to_url(bouncer.dsn()) + "?prepare_threshold=none",
                 "--replica",
                 replica.dsn(),
                 "--sample-data",
