@@ -226,6 +226,7 @@ def make_app(
     """
     app = Klein()
     metrics = metrics if metrics is not None else Metrics()
+    metrics.bind(db)
     probe = probe if probe is not None else ReadinessProbe(db)
     routes = FiberRoutes(db, app, retry_after=1, on_response=metrics.observe)
 
@@ -571,9 +572,9 @@ def make_app(
     def metrics_route(request: Any) -> Any:
         started = _now()
         request.setHeader(b"content-type", CONTENT_TYPE)
-        body = metrics.render(db.engine, db.inflight, router=db.router)
+        body = metrics.render()
         metrics.observe("metrics", 200, _now() - started)
-        return body.encode("utf-8")
+        return body
 
     add_live_routes(app, routes, db, heartbeat=heartbeat, max_streams=max_streams)
 

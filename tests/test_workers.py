@@ -210,7 +210,7 @@ class SupervisorTests(TwistdTestCase):
                 pids.add(
                     int(
                         re.search(
-                            r'klein_demo_worker_info\{worker="\d",pid="(\d+)"', body
+                            r'klein_demo_worker_info\{pid="(\d+)",worker="\d"', body
                         ).group(1)
                     )
                 )

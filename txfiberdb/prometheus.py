@@ -12,9 +12,11 @@ Prometheus metrics for a txfiberdb service, on ``prometheus_client`` (the
 - :class:`PoolCollector`: the pool's and the fibers' figures
   (:func:`txfiberdb.pool_stats`), read at each scrape: ``txfiberdb_pool_*``
   (size, open, checked out, idle, overflow, waiting, oldest and longest
-  wait), ``txfiberdb_fibers_*`` and, for an
-  :class:`~txfiberdb.service.EngineService`, the units of work in flight.
-  Open and idle count only live connections.
+  wait), ``txfiberdb_fibers_*``, the LISTEN connection's
+  ``txfiberdb_listener_*`` and, for an
+  :class:`~txfiberdb.service.EngineService`, the units of work in flight and,
+  with replicas, ``txfiberdb_reads_total{target}`` and
+  ``txfiberdb_replicas_down``.  Open and idle count only live connections.
 - :class:`RouteMetrics`: the ``on_response`` hook of
   :class:`~txfiberdb.klein.FiberRoutes`: requests by route and status code (499
   when the client went away first) and a latency histogram by route.
@@ -35,6 +37,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.twisted import MetricsResource
 
+from txfiberdb.notify import listener_stats
 from txfiberdb.pool import pool_stats
 
 __all__ = ["MetricsResource", "PoolCollector", "RouteMetrics"]
@@ -121,6 +124,54 @@ class PoolCollector:
                 "Units of work (requests, jobs) running in fibers now.",
                 value=inflight,
             )
+        if engine is not None:
+            yield from self._listener(engine)
+        router = getattr(self.target, "router", None)
+        if router is not None and getattr(router, "replicas", None):
+            reads = CounterMetricFamily(
+                f"{self.namespace}_reads",
+                "Read-only Sessions by where they read: replica, primary (no "
+                "replica configured) or fallback (no replica answered).",
+                labels=["target"],
+            )
+            for where in ("replica", "primary", "fallback"):
+                reads.add_metric([where], router.stats[where])
+            yield reads
+            yield GaugeMetricFamily(
+                f"{self.namespace}_replicas_down",
+                "Replicas set aside now (their last connection attempt failed).",
+                value=router.replicas_down(),
+            )
+
+    def _listener(self, engine: Any) -> Iterator[Metric]:
+        """The LISTEN connection's figures (:func:`txfiberdb.listen`)."""
+        live = listener_stats(engine)
+        name = f"{self.namespace}_listener"
+        yield GaugeMetricFamily(
+            f"{name}_connected",
+            "Whether the LISTEN connection is up (1) or not (0).",
+            value=int(live["connected"]),
+        )
+        yield GaugeMetricFamily(
+            f"{name}_subscribers",
+            "Subscriptions open.",
+            value=live["subscribers"],
+        )
+        yield CounterMetricFamily(
+            f"{name}_notifications",
+            "Notifications received by the listener.",
+            value=live["received"],
+        )
+        yield CounterMetricFamily(
+            f"{name}_reconnects",
+            "Times the LISTEN connection was lost and opened again.",
+            value=live["reconnects"],
+        )
+        yield GaugeMetricFamily(
+            f"{name}_overflows",
+            "Queue overflows of the open subscriptions (slow subscribers).",
+            value=live["overflows"],
+        )
 
 
 class RouteMetrics:

@@ -19,6 +19,7 @@ from twisted.application.service import ServiceMaker
 #: how to install it through txfiberdb's extras).
 _NEEDS = {
     "klein": ("Klein", "pip install 'txfiberdb[demo]'"),
+    "prometheus_client": ("prometheus_client", "pip install 'txfiberdb[demo]'"),
     "psycopg2": (
         "psycopg2",
         "pip install 'txfiberdb[binary]'   (or 'txfiberdb[psycopg2]', built "
