@@ -8,7 +8,7 @@
 #
 # Environment:
 #   PYTHON               interpreter with txfiberdb, SQLAlchemy and pytest
-#                        (default: /work/main/.venv/bin/python if present,
+#                        (default: the checkout's .venv/bin/python if present,
 #                        else python3)
 #   TXFIBERDB_TEST_DSN   use this server instead of starting one (libpq DSN
 #                        or URL; needs CREATE DATABASE rights and
