@@ -98,6 +98,21 @@ class RouteMetricsTests(DatabaseTestCase):
 
             raise NotFound("nope")
 
+        class Where:
+            """A collector that notes the thread a scrape runs in."""
+
+            threads = []
+
+            def describe(self):
+                return []
+
+            def collect(self):
+                from twisted.python import threadable
+
+                self.threads.append(threadable.isInIOThread())
+                return iter(())
+
+        registry.register(Where())
         root = Resource()
         root.putChild(b"app", app.resource())
         root.putChild(b"metrics", MetricsResource(registry))
@@ -122,6 +137,8 @@ class RouteMetricsTests(DatabaseTestCase):
         self.assertEqual(
             got[("app_http_request_duration_seconds_count", (("route", "one"),))], 3
         )
+        # Scraped on the reactor's thread (the pool is read there only).
+        self.assertEqual(Where.threads, [True])
 
 
 class LoggingBridgeTests(DatabaseTestCase):

@@ -168,6 +168,36 @@ class FailoverTests(ReplicaTestCase):
             self.assertIs(session.scalar(IN_RECOVERY), False)
         self.assertEqual(router.stats["replica"], 1)
 
+    def test_busy_replica_pool_falls_back_at_once(self):
+        """
+        A replica whose pool is exhausted is busy, not down: reads go to the
+        primary at once (no wait for pool_timeout) and the replica is not
+        set aside.
+        """
+        from sqlalchemy import create_engine
+        from sqlalchemy.orm import sessionmaker
+
+        from txfiberdb import ReplicaRouter, RoutingSession
+
+        primary = create_engine(self.primary.url(), pool_size=1)
+        replica = create_engine(
+            self.replica.url(), pool_size=1, max_overflow=0, pool_timeout=60
+        )
+        self.addCleanup(primary.dispose)
+        self.addCleanup(replica.dispose)
+        router = ReplicaRouter(primary, [replica])
+        Reading = sessionmaker(class_=RoutingSession, router=router, read_only=True)
+        held = replica.connect()
+        try:
+            with Reading() as session:
+                self.assertIs(session.scalar(IN_RECOVERY), False)
+            self.assertEqual(router.stats["fallback"], 1)
+            self.assertEqual(router.replicas_down(), 0)
+        finally:
+            held.close()
+        with Reading() as session:
+            self.assertIs(session.scalar(IN_RECOVERY), True)
+
     def test_no_replicas_reads_on_the_primary(self):
         db = EngineService(self.primary.url(), pool_size=1)
         db.startService()

@@ -20,8 +20,10 @@ Prometheus metrics for a txfiberdb service, on ``prometheus_client`` (the
 - :class:`RouteMetrics`: the ``on_response`` hook of
   :class:`~txfiberdb.klein.FiberRoutes`: requests by route and status code (499
   when the client went away first) and a latency histogram by route.
-- ``MetricsResource`` is ``prometheus_client.twisted.MetricsResource``: the
-  exposition as a twisted.web resource.
+- :class:`MetricsResource`: the exposition as a twisted.web resource,
+  rendered on the reactor's thread.  (Not ``prometheus_client.twisted``'s,
+  a WSGI resource that runs in the reactor's thread pool: the pool's figures
+  must be read where the pool is used.)
 
 Everything is computed on the reactor's thread: a scrape never waits for the
 pool or the database.  With several worker processes each process serves its
@@ -33,9 +35,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Optional
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.twisted import MetricsResource
+from twisted.web.resource import Resource
 
 from txfiberdb.notify import listener_stats
 from txfiberdb.pool import pool_stats
@@ -211,3 +220,21 @@ class RouteMetrics:
     def __call__(self, route: str, code: int, seconds: float) -> None:
         self.requests.labels(route=route, code=str(code)).inc()
         self.latency.labels(route=route).observe(seconds)
+
+
+class MetricsResource(Resource):
+    """
+    ``GET``: the Prometheus text exposition of ``registry``, rendered on the
+    reactor's thread (collectors such as :class:`PoolCollector` read the pool,
+    which only that thread may touch).
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.registry = REGISTRY if registry is None else registry
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self.registry)

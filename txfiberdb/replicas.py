@@ -59,6 +59,19 @@ __all__ = ["ReplicaRouter", "RoutingSession"]
 log = Logger(namespace="txfiberdb.replicas")
 
 
+def _free_now(pool: Any) -> bool:
+    """
+    Whether ``pool`` can hand out a connection without waiting (an idle one,
+    or room to open one); pools that cannot say are assumed free.
+    """
+    checkedin = getattr(pool, "checkedin", None)
+    overflow = getattr(pool, "overflow", None)
+    max_overflow = getattr(pool, "_max_overflow", None)
+    if checkedin is None or overflow is None or max_overflow is None:
+        return True
+    return bool(checkedin() > 0 or max_overflow < 0 or overflow() < max_overflow)
+
+
 class ReplicaRouter:
     """
     The primary's engine, the replicas' engines, and which replicas answer.
@@ -108,8 +121,12 @@ class ReplicaRouter:
             if until is not None and until > now:
                 continue
             engine = self.replicas[index]
+            if not _free_now(engine.pool):
+                continue  # busy, not down: the probe would wait pool_timeout
             try:
                 engine.pool.connect().close()
+            except sa_exc.TimeoutError:
+                continue  # busy after all (taken meanwhile): not down either
             except (sa_exc.DBAPIError, engine.dialect.loaded_dbapi.Error, OSError) as e:
                 if until is None:
                     reason = str(getattr(e, "orig", e)).strip().splitlines()
