@@ -9,16 +9,14 @@ import shutil
 import subprocess
 import sys
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "typed")
 
 
 def mypy(*args):
     if shutil.which("mypy") is None and not _has_mypy():
-        raise SynchronousTestCase.skipException(
-            "mypy is not installed (it is in the 'lint' extra)"
-        )
+        raise SkipTest("mypy is not installed (it is in the 'lint' extra)")
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--no-incremental", *args],
         capture_output=True,
