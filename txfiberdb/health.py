@@ -42,6 +42,7 @@ from typing import Any, Optional
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
+from txfiberdb._errors import first_line
 from txfiberdb.fiber import run_in_fiber
 
 __all__ = ["ProbeResult", "ReadinessProbe"]
@@ -172,8 +173,7 @@ class ReadinessProbe:
             if not timer.active():
                 reason = f"no answer within {self.timeout:g} s"
             else:
-                lines = str(e).strip().splitlines()
-                reason = lines[0] if lines else type(e).__name__
+                reason = first_line(e)
             return ProbeResult(
                 False, reason, time.monotonic(), time.monotonic() - started
             )

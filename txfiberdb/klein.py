@@ -84,6 +84,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
+from txfiberdb._errors import first_line
 from txfiberdb.fiber import WaitTimeout, await_deferred
 from txfiberdb.fiber import shield as shield_block
 from txfiberdb.service import EngineService, ServiceStopping
@@ -197,13 +198,6 @@ class LogSummary:
                 repeated=self.suffix(repeats),
                 failure_kind=kind,
             )
-
-
-def _first_line(error: Optional[BaseException]) -> str:
-    """The first line of a DB-API error's message: no SQL, no parameters."""
-    orig = getattr(error, "orig", None) or error
-    text = str(orig).strip().splitlines()
-    return text[0] if text else type(orig).__name__
 
 
 def _database_unavailable(error: Optional[BaseException]) -> bool:
@@ -572,7 +566,7 @@ class FiberRoutes:
                 name,
                 "database",
                 "database unavailable, try again later",
-                f"database unavailable: {_first_line(error)}",
+                f"database unavailable: {first_line(error)}",
             )
         error_id = uuid.uuid4().hex[:16]
         _log.failure(

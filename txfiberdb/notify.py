@@ -65,6 +65,7 @@ from sqlalchemy import event
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.logger import Logger
 
+from txfiberdb._errors import first_line
 from txfiberdb.fiber import WaitTimeout, await_deferred, run_in_fiber, sleep
 
 __all__ = [
@@ -455,7 +456,7 @@ class Listener:
                 raise
             except Exception as e:
                 if conn.closed:
-                    self._lost(conn, _first_line(e))
+                    self._lost(conn, first_line(e))
                 raise
             self._mark_gaps()
         finally:
@@ -547,7 +548,7 @@ class Listener:
                         _log.warn(
                             "LISTEN reconnection attempt {n} failed: {reason}",
                             n=attempts,
-                            reason=_first_line(e),
+                            reason=first_line(e),
                         )
                     delay = min(delay * 2, BACKOFF_MAX)
             if self.connected:
@@ -602,11 +603,6 @@ def _deliver(note: Note, subs: Iterable[Subscription]) -> None:
                 sub._queue.insert(0, note)
         else:
             waiter.callback(note)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 _listeners: weakref.WeakKeyDictionary[Any, Listener] = weakref.WeakKeyDictionary()

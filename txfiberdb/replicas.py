@@ -54,6 +54,8 @@ from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import TextClause
 from twisted.logger import Logger
 
+from txfiberdb._errors import first_line
+
 __all__ = ["ReplicaRouter", "RoutingSession"]
 
 log = Logger(namespace="txfiberdb.replicas")
@@ -129,12 +131,11 @@ class ReplicaRouter:
                 continue  # busy after all (taken meanwhile): not down either
             except (sa_exc.DBAPIError, engine.dialect.loaded_dbapi.Error, OSError) as e:
                 if until is None:
-                    reason = str(getattr(e, "orig", e)).strip().splitlines()
                     log.warn(
                         "replica {url} unreachable, reads go elsewhere for {s}s: {why}",
                         url=self._name(engine),
                         s=self.retry_interval,
-                        why=reason[0] if reason else type(e).__name__,
+                        why=first_line(e),
                     )
                 self._down_until[index] = self._clock() + self.retry_interval
                 continue

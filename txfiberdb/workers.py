@@ -69,6 +69,8 @@ from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger
 from twisted.python import usage
 
+from txfiberdb._errors import first_line
+
 __all__ = [
     "MAX_WORKERS",
     "WorkerOptions",
@@ -819,9 +821,7 @@ def check_connection_budget(
         log.info(
             "{line} (the server's max_connections could not be read: {why})",
             line=line,
-            why=str(getattr(result.value, "orig", result.value)).strip().splitlines()[0]
-            if str(result.value).strip()
-            else type(result.value).__name__,
+            why=first_line(result.value),
         )
         return total
 

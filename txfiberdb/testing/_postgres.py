@@ -229,25 +229,20 @@ class TemporaryPostgres:
             ]
         )
 
-    def _pg_ctl_start(self, port: int) -> None:
+    def start_args(self, port: int) -> list[str]:
+        """
+        The arguments of ``pg_ctl -D DATADIR`` that start this server on
+        ``port`` (with its settings, socket directory and log file): for a
+        test that runs ``pg_ctl`` itself, without blocking its reactor.
+        """
         assert self.directory is not None
         options = [f"-p {port}", f"-k {self.directory}", f"-h {self.host}"]
         options += [f"-c {k}={v}" for k, v in self.settings.items()]
-        self._run(
-            [
-                "pg_ctl",
-                "-D",
-                self.datadir,
-                "-l",
-                os.path.join(self.directory, "server.log"),
-                "-o",
-                " ".join(options),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ]
-        )
+        log = os.path.join(self.directory, "server.log")
+        return ["-l", log, "-o", " ".join(options), "-w", "-t", "60", "start"]
+
+    def _pg_ctl_start(self, port: int) -> None:
+        self._run(["pg_ctl", "-D", self.datadir, *self.start_args(port)])
 
     def stop_server(self, mode: str = "fast") -> None:
         """
